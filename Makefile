@@ -1,0 +1,58 @@
+# Model Merging from Scratch: every target sets up what it needs (a .venv in this folder).
+# Offline-friendly: packages come from the registry once; nothing is downloaded at run time.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup setup-dev course test lint format lab bench clean
+
+help:
+	@echo "make course  - set up .venv and run the course's main job (merge real models, print results)"
+	@echo "make test    - set up .venv with the dev extras and run every test"
+	@echo "make lab     - JupyterLab on notebooks/"
+	@echo "make bench   - merge benchmark on 8 ViT-B/32-shaped state dicts (slow, ~4 GB RAM)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# One stamp per install flavour; re-installs when the dependency files change.
+$(VENV)/.course-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e ".[llm]"
+	@touch $@
+
+$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,llm,crosscheck]"
+	@touch $@ $(VENV)/.course-installed
+
+setup: $(VENV)/.course-installed
+setup-dev: $(VENV)/.dev-installed
+
+course: $(VENV)/.course-installed
+	$(BIN)/python -m course_lib course
+
+test: $(VENV)/.dev-installed
+	$(BIN)/ruff check course_lib tests benchmarks tools
+	$(BIN)/python -m pytest -p no:cacheprovider --junitxml=build/test-results.xml $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check course_lib tests benchmarks tools
+	$(BIN)/ruff format --check course_lib tests benchmarks tools
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff format course_lib tests benchmarks tools
+	$(BIN)/ruff check --fix course_lib tests benchmarks tools
+
+lab: $(VENV)/.course-installed
+	$(BIN)/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/merge_bench.py
+
+clean:
+	rm -rf build results .pytest_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""What every merging method shares: input checks, key planning and a registry.
+
+Each method lives in its own module and registers itself with :func:`register`, so
+``METHODS["ties_merging"]`` and ``course_lib.merging.ties_merging`` are the same function
+(the way mergekit keeps one method per module). Methods are pure: they never modify their
+inputs and always return a new state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from course_lib.state import MergePlan, plan, validate
+
+MergeFn = Callable[..., dict[str, Tensor]]
+METHODS: dict[str, MergeFn] = {}
+
+
+def register(name: str) -> Callable[[MergeFn], MergeFn]:
+    """Class-free registry: ``@register("ties_merging")`` above a merge function."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def prepare(
+    pretrained: Mapping[str, Tensor] | None,
+    finetuned: Sequence[Mapping[str, Tensor]],
+    keys: str | None,
+    exclude: str | None,
+) -> MergePlan:
+    """Validate the inputs and return the plan of keys to merge.
+
+    The reference model for key order and passthrough tensors is ``pretrained`` when given,
+    else ``finetuned[0]``.
+    """
+    if isinstance(finetuned, Mapping):
+        raise ValueError("finetuned must be a list of state dicts, got a single state dict")
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError("finetuned is empty: need at least one fine-tuned state dict to merge")
+    reference = pretrained if pretrained is not None else finetuned[0]
+    validate(pretrained, finetuned, merged_keys=())  # structure first: keys, shapes, dtypes
+    p = plan(reference, keys, exclude)
+    validate(pretrained, finetuned, merged_keys=p.merged)  # then finiteness of merged tensors
+    return p
+
+
+def deltas(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+    """Stacked task vectors ``[T, *shape]`` of one tensor, in float32 (never the whole model)."""
+    base = pretrained[key].float()
+    return torch.stack([ft[key].float() - base for ft in finetuned])

@@ -1,0 +1,166 @@
+"""PCB-Merging: Parameter Competition Balancing (Du et al., NeurIPS 2024, Sec. 3).
+
+PCB scores every parameter of every task by how much it matters to its own task
+(*intra-balancing*) and how well it agrees with the other tasks (*inter-balancing*), drops the
+low scores and takes a score-weighted mean of what is left. The paper writes
+
+    beta_intra,i = Softmax(N * Norm(tau_i * tau_i))
+    beta_inter,i = sum_j Softmax(Norm(tau_i * tau_j))
+    beta_i = beta_intra,i * beta_inter,i,  drop all but the top ``ratio`` of each beta_i,
+    tau_m = sum_i beta^_i tau_i / sum_i beta^_i,   theta_m = theta_0 + lambda * tau_m.
+
+We follow the official code path (reference ``algorithms.md`` section 2.5, variant C), which
+differs from the paper's equations in ways that matter for the numbers:
+
+* **clip**: a_i = |tau_i| clipped to its own [q, 1-q] quantiles (q = ``clip_quantile``, 1%),
+  tau_c,i = sign(tau_i) * a_i; the clipped vectors are the ones merged;
+* **Norm** is per-task min-max of a_i: m_i = (a_i - min)/(max - min) (we add an epsilon, the
+  code has none and returns NaN for a constant task vector);
+* **intra_balance**: exp(N * m_i^2) (exp replaces a softmax over ~10^8 entries, whose
+  denominator would cancel in the min-max that follows anyway);
+* **inter_balance** (``inter="pairwise"``, variant C, default): sum_j tanh(u_i * u_j) with
+  u = sign(tau) * m. ``inter="sum"`` is variant A, tanh(tau_i * sum_j tau_j) on raw values, a
+  soft sign election (used by the NLP code);
+* **drop and rescale weights**: w_i = (max(beta_i, v_i) - v_i) / (max beta_i - v_i) with v_i the
+  row's (1 - ratio) quantile: dropped entries get weight 0, kept ones (0, 1];
+* **merge**: tau_m = sum_i lambda_i w_i tau_c,i / max(sum_i w_i, 1e-12) (lambda inside the mean,
+  so per-task lambdas can be searched; PCB uses lambda ~ 1-1.3, as TIES with dis-mean).
+
+Every row statistic is over the whole model of a task, as in the code, and is computed exactly
+without building the [T, D] matrix (``_select``): three streaming passes over the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from course_lib.merging._base import deltas, prepare, register
+from course_lib.merging._select import kth_smallest_rows
+from course_lib.state import StateDict, assemble, check_fraction, check_scaling
+
+Inter = Literal["pairwise", "sum"]
+EPS = 1e-12
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def clip_bounds_ranks(numel: int, clip_quantile: float) -> tuple[int, int]:
+    """0-based ascending ranks of the lower and upper clip values (as the reference code)."""
+    lo = int(numel * clip_quantile)
+    hi = max(lo, int(numel * (1.0 - clip_quantile)) - 1)
+    return lo, hi
+
+
+def drop_rank(numel: int, ratio: float) -> int:
+    """0-based ascending rank of the drop threshold v: everything below it gets weight 0."""
+    return min(numel - 1, int(numel * (1.0 - ratio)))
+
+
+def normalized_magnitude(tau: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Clip |tau| per row to [lo, hi]; return (min-max normalized magnitude m, clipped tau_c)."""
+    a = torch.minimum(torch.maximum(tau.abs(), _col(lo, tau)), _col(hi, tau))
+    m = (a - _col(lo, tau)) / _col((hi - lo).clamp(min=EPS), tau)
+    return m, tau.sign() * a
+
+
+def intra_balance(m: Tensor) -> Tensor:
+    """Intra-balancing, exp(N * m^2): large own-task magnitudes dominate, sharply for many tasks."""
+    return torch.exp(m.shape[0] * m * m)
+
+
+def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
+    """Inter-balancing: how much each entry agrees with the other tasks at the same position.
+
+    ``pairwise``: sum_j tanh(u_i u_j), u = sign(tau) m (variant C);
+    ``sum``: tanh(tau_i * sum_j tau_j) (variant A; negative where tau_i opposes the consensus).
+    """
+    if inter == "sum":
+        return torch.tanh(tau * tau.sum(dim=0, keepdim=True))
+    if inter != "pairwise":
+        raise ValueError(f"inter must be 'pairwise' or 'sum', got {inter!r}")
+    u = tau.sign() * m
+    out = torch.zeros_like(u)
+    for i in range(u.shape[0]):
+        prod = torch.tanh(u[i : i + 1] * u[i:])  # pairs (i, j >= i); tanh(u_i u_j) is symmetric
+        out[i] += prod.sum(dim=0)
+        out[i + 1 :] += prod[1:]
+    return out
+
+
+def balance(tau: Tensor, lo: Tensor, hi: Tensor, inter: Inter = "pairwise") -> tuple[Tensor, Tensor]:
+    """The PCB score beta = intra * inter of a stacked [T, ...] tensor, and the clipped tau_c."""
+    m, tau_c = normalized_magnitude(tau, lo, hi)
+    return intra_balance(m) * inter_balance(tau, m, inter), tau_c
+
+
+def drop_weights(beta: Tensor, threshold: Tensor, beta_max: Tensor) -> Tensor:
+    """Drop and rescale: (max(beta, v) - v) / (beta_max - v); 0 below the threshold v."""
+    v = _col(threshold, beta)
+    return (torch.maximum(beta, v) - v) / _col((beta_max - threshold).clamp(min=EPS), beta)
+
+
+def rescale_merge(tau_c: Tensor, w: Tensor, scaling: Sequence[float]) -> Tensor:
+    """tau_m = sum_i lambda_i w_i tau_c,i / max(sum_i w_i, eps)."""
+    lam = torch.tensor(scaling, dtype=tau_c.dtype)
+    return (_col(lam, tau_c) * w * tau_c).sum(dim=0) / w.sum(dim=0).clamp(min=EPS)
+
+
+@register("pcb_merging")
+def pcb_merging(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    ratio: float = 0.1,
+    scaling: float | Sequence[float] = 1.0,
+    clip_quantile: float = 0.01,
+    inter: Inter = "pairwise",
+    *,
+    keys: str | None = None,
+    exclude: str | None = None,
+) -> StateDict:
+    """PCB-Merging (official-code variant C): ``theta_0 + sum_i lambda_i w_i tau_c,i / sum_i w_i``."""
+    p = prepare(pretrained, finetuned, keys, exclude)
+    ratio = check_fraction("ratio", ratio)
+    lam = check_scaling(scaling, len(finetuned))
+    if isinstance(clip_quantile, bool) or not 0.0 <= float(clip_quantile) < 0.5:
+        raise ValueError(f"clip_quantile must be in [0, 0.5), got {clip_quantile!r}")
+    if inter not in ("pairwise", "sum"):
+        raise ValueError(f"inter must be 'pairwise' or 'sum', got {inter!r}")
+    keys_ = p.merged
+    numels = [pretrained[k].numel() for k in keys_]
+    total, num = sum(numels), len(finetuned)
+
+    def tau_at(key: str, idx: Tensor | None) -> Tensor:
+        tau = deltas(pretrained, finetuned, key)
+        return _rows(tau) if idx is None else _rows(tau)[:, idx]
+
+    # Pass 1: the clip bounds of |tau| per task.
+    lo_r, hi_r = clip_bounds_ranks(total, clip_quantile)
+    bounds = kth_smallest_rows(keys_, numels, lambda k, i: tau_at(k, i).abs(), [[lo_r, hi_r]] * num)
+    lo, hi = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()
+
+    # Pass 2: drop threshold and maximum of beta per task.
+    stats = kth_smallest_rows(
+        keys_, numels, lambda k, i: balance(tau_at(k, i), lo, hi, inter)[0],
+        [[drop_rank(total, ratio), total - 1]] * num,
+    )
+    thr, beta_max = stats[:, 0].contiguous(), stats[:, 1].contiguous()
+
+    # Pass 3: weights and the weighted mean.
+    merged: dict[str, Tensor] = {}
+    for key in keys_:
+        tau = deltas(pretrained, finetuned, key)
+        beta, tau_c = balance(tau, lo, hi, inter)
+        tau_m = rescale_merge(tau_c, drop_weights(beta, thr, beta_max), lam)
+        base = pretrained[key]
+        merged[key] = (base.float() + tau_m).to(base.dtype)
+    return assemble(merged, p, pretrained)

@@ -1,0 +1,112 @@
+"""Choosing the scaling coefficients lambda on a validation callback.
+
+Task arithmetic, TIES and PCB all end with theta_0 + lambda * (merged task vector); lambda is
+picked on held-out validation data (Ilharco et al. 2023, Sec. 3; Yadav et al. 2023, App. C;
+Du et al. 2024, Sec. 4 searches one lambda per task with an evolution strategy).
+
+:func:`search_scaling` takes ``evaluate(scaling: list[float]) -> float`` (higher is better;
+usually: merge with these lambdas, return mean validation accuracy) and searches either
+
+* ``method="grid"``: one lambda shared by all tasks, tried on a grid; or
+* ``method="evolution"``: one lambda per task, a seeded (1+lambda) evolution strategy with
+  Gaussian mutations clipped to ``bounds``, whose step size adapts with the 1/5th success rule
+  (Rechenberg). The PCB code uses nevergrad's NGOpt for this; a 30-line ES does the job here
+  without another dependency.
+
+Every evaluated point is cached and recorded in the returned history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+Evaluate = Callable[[list[float]], float]
+
+
+@dataclass
+class SearchResult:
+    best_scaling: list[float]
+    best_score: float
+    history: list[tuple[list[float], float]] = field(default_factory=list)
+
+
+def _cached(evaluate: Evaluate, history: list[tuple[list[float], float]]) -> Evaluate:
+    cache: dict[tuple[float, ...], float] = {}
+
+    def run(scaling: list[float]) -> float:
+        key = tuple(round(s, 10) for s in scaling)
+        if key not in cache:
+            score = float(evaluate(list(key)))
+            if score != score:
+                raise ValueError(f"evaluate({list(key)}) returned NaN")
+            cache[key] = score
+            history.append((list(key), score))
+        return cache[key]
+
+    return run
+
+
+def grid_values(start: float, stop: float, step: float) -> list[float]:
+    """Inclusive grid, e.g. grid_values(0, 1, 0.05) -> [0.0, 0.05, ..., 1.0] without float drift."""
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 10) for i in range(n + 1)]
+
+
+def search_scaling(
+    evaluate: Evaluate,
+    num_tasks: int,
+    method: str = "grid",
+    *,
+    grid: Sequence[float] | None = None,
+    bounds: tuple[float, float] = (0.8, 1.3),
+    init: float = 1.0,
+    budget: int = 100,
+    sigma: float = 0.1,
+    offspring: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> SearchResult:
+    """Maximize ``evaluate`` over per-task scalings; see the module docstring."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    history: list[tuple[list[float], float]] = []
+    run = _cached(evaluate, history)
+    if method == "grid":
+        values = list(grid) if grid is not None else grid_values(0.0, 1.0, 0.05)
+        if not values:
+            raise ValueError("grid is empty")
+        best = max(values, key=lambda lam: (run([lam] * num_tasks), -lam))
+        return SearchResult([best] * num_tasks, run([best] * num_tasks), history)
+    if method != "evolution":
+        raise ValueError(f"method must be 'grid' or 'evolution', got {method!r}")
+    lo, hi = bounds
+    if not lo < hi:
+        raise ValueError(f"bounds must satisfy low < high, got {bounds}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    gen = torch.Generator().manual_seed(seed)
+    parent = [min(max(init, lo), hi)] * num_tasks
+    parent_score = run(parent)
+    step = sigma
+    bar = tqdm(total=budget, desc="ES search", disable=not progress, leave=False)
+    while len(history) < budget:
+        children = []
+        for _ in range(min(offspring, budget - len(history))):
+            noise = torch.randn(num_tasks, generator=gen) * step
+            children.append([min(max(p + float(n), lo), hi) for p, n in zip(parent, noise, strict=True)])
+        scored = [(run(c), c) for c in children]
+        bar.n = len(history)
+        bar.refresh()
+        best_score, best_child = max(scored, key=lambda sc: sc[0])
+        success = sum(s > parent_score for s, _ in scored) / len(scored)
+        if best_score > parent_score:
+            parent, parent_score = best_child, best_score
+        step *= 1.5 if success > 0.2 else 0.82  # 1/5th success rule
+        if len(set(map(tuple, children))) == 1 and step < 1e-6:
+            break
+    bar.close()
+    return SearchResult(parent, parent_score, history)

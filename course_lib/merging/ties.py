@@ -1,0 +1,153 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023, Sec. 3, Alg. 1).
+
+With task vectors tau_t = theta_t - theta_0 (rows of a [T, D] matrix):
+
+1. **trim** (Sec. 3.1, "reset"): keep the top ``density`` fraction of each tau_t by magnitude,
+   zero the rest:  tau^_t = tau_t * 1[|tau_t| >= v_t],  v_t = the k-th largest |tau_t|,
+   k = floor(density * D). Entries tied with v_t are all kept.
+2. **elect** (Sec. 3.2): gamma = sign(sum_t tau^_t), the sign carrying more total mass.
+   Where the sum is exactly 0, gamma takes the sign of sum(gamma) (the "majority" rule of the
+   reference code).
+3. **disjoint merge** (Sec. 3.3): average only the entries that agree with gamma,
+   tau_m^p = sum_{t in A_p} tau^_t^p / |A_p|,  A_p = {t : sign(tau^_t^p) = gamma^p} (zeros never agree).
+   ``aggregate="sum"`` (dis-sum, used by FusionBench/AdaMerging with lambda ~ 0.3) and ``"max"``
+   (largest agreeing magnitude) are the variants of the code.
+4. theta_m = theta_0 + lambda * tau_m  (paper default lambda = 1, density = 0.2).
+
+``scope="global"`` ranks all merged parameters of a task together, as the paper and its code do;
+it is computed exactly without building the [T, D] matrix (see ``_select``). ``scope="tensor"``
+trims each tensor on its own, as mergekit does, and also resolves zero-sum signs per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from course_lib.merging._base import deltas, prepare, register
+from course_lib.merging._select import kth_largest_count, kth_smallest_rows
+from course_lib.state import StateDict, assemble, check_fraction
+
+Aggregate = Literal["mean", "sum", "max"]
+Scope = Literal["global", "tensor"]
+
+
+def trim(tau: Tensor, density: float, threshold: Tensor | None = None) -> Tensor:
+    """Step 1. Zero all but the top-``density`` magnitudes of each row of ``tau`` [T, ...].
+
+    ``threshold`` ([T]) overrides the per-row k-th largest magnitude (used by the global scope,
+    where the threshold is computed over the whole model).
+    """
+    flat = tau.reshape(tau.shape[0], -1)
+    if threshold is None:
+        k = kth_largest_count(flat.shape[1], check_fraction("density", density))
+        threshold = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1).values
+    keep = flat.abs() >= threshold.reshape(-1, 1)
+    return (flat * keep).reshape(tau.shape)
+
+
+def elect(trimmed: Tensor, zero_sign: float | None = None) -> Tensor:
+    """Step 2. Elected sign gamma = sign(sum_t tau^_t) (mass-based, "total" in the paper).
+
+    Positions whose sum is exactly 0 get ``zero_sign``; by default the sign of the sum of the
+    elected signs of this tensor (the reference code's "majority" rule).
+    """
+    gamma = trimmed.sum(dim=0).sign()
+    if zero_sign is None:
+        zero_sign = float(gamma.sum().sign())
+    return torch.where(gamma == 0, torch.full_like(gamma, zero_sign), gamma)
+
+
+def disjoint_merge(trimmed: Tensor, gamma: Tensor, aggregate: Aggregate = "mean") -> Tensor:
+    """Step 3. Combine only the entries whose sign agrees with ``gamma``.
+
+    ``mean``: sum of agreeing entries / their count (0 where none agree);
+    ``sum``: their sum; ``max``: the largest agreeing magnitude, with sign gamma.
+    """
+    agree = (trimmed.sign() == gamma) & (trimmed != 0)
+    kept = trimmed * agree
+    if aggregate == "mean":
+        return kept.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    if aggregate == "sum":
+        return kept.sum(dim=0)
+    if aggregate == "max":
+        return kept.abs().amax(dim=0) * gamma
+    raise ValueError(f"aggregate must be 'mean', 'sum' or 'max', got {aggregate!r}")
+
+
+def global_thresholds(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    keys: Sequence[str],
+    density: float,
+) -> Tensor:
+    """Per-task magnitude threshold v_t over all ``keys`` together (the paper's global trim)."""
+    numels = [pretrained[k].numel() for k in keys]
+    total = sum(numels)
+    rank = total - kth_largest_count(total, density)  # 0-based ascending rank of v_t
+
+    def magnitudes(key: str, idx: Tensor | None) -> Tensor:
+        base = pretrained[key].reshape(-1)
+        if idx is None:
+            return torch.stack([(ft[key].reshape(-1).float() - base.float()).abs_() for ft in finetuned])
+        b = base[idx].float()
+        return torch.stack([(ft[key].reshape(-1)[idx].float() - b).abs_() for ft in finetuned])
+
+    return kth_smallest_rows(keys, numels, magnitudes, [[rank]] * len(finetuned))[:, 0]
+
+
+@register("ties_merging")
+def ties_merging(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    density: float = 0.2,
+    scaling: float = 1.0,
+    aggregate: Aggregate = "mean",
+    scope: Scope = "global",
+    *,
+    keys: str | None = None,
+    exclude: str | None = None,
+) -> StateDict:
+    """TIES-Merging: ``theta_0 + lambda * disjoint_merge(elect(trim(tau)))``."""
+    p = prepare(pretrained, finetuned, keys, exclude)
+    density = check_fraction("density", density)
+    if aggregate not in ("mean", "sum", "max"):
+        raise ValueError(f"aggregate must be 'mean', 'sum' or 'max', got {aggregate!r}")
+    if scope not in ("global", "tensor"):
+        raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling != scaling:
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+
+    thresholds = global_thresholds(pretrained, finetuned, p.merged, density) if scope == "global" else None
+    merged: dict[str, Tensor] = {}
+    # Global scope: where the trimmed sum is exactly 0 the elected sign is the sign of the sum of
+    # *all* elected signs in the model, known only at the end. Those positions are rare; we keep
+    # their trimmed columns aside and resolve them after the pass.
+    sign_total = 0.0
+    pending: list[tuple[str, Tensor, Tensor]] = []
+    for key in p.merged:
+        tau = deltas(pretrained, finetuned, key)
+        trimmed = trim(tau, density, thresholds)
+        if scope == "tensor":
+            tau_m = disjoint_merge(trimmed, elect(trimmed), aggregate)
+        else:
+            gamma = trimmed.sum(dim=0).sign()
+            sign_total += float(gamma.sum())
+            tau_m = disjoint_merge(trimmed, gamma, aggregate)
+            open_ = (gamma == 0) & (trimmed != 0).any(dim=0)
+            if open_.any():
+                idx = open_.reshape(-1).nonzero().squeeze(1)
+                pending.append((key, idx, trimmed.reshape(len(finetuned), -1)[:, idx]))
+        merged[key] = tau_m
+    if pending:
+        majority = torch.tensor(float(torch.tensor(sign_total).sign()))
+        for key, idx, cols in pending:
+            fixed = disjoint_merge(cols, majority.expand(cols.shape[1]), aggregate)
+            merged[key].reshape(-1)[idx] = fixed
+    for key in p.merged:
+        base = pretrained[key]
+        merged[key] = (base.float() + scaling * merged[key]).to(base.dtype)
+    return assemble(merged, p, pretrained)

@@ -1,0 +1,343 @@
+"""State-dict arithmetic: validation, key selection and the :class:`TaskVector`.
+
+Every merging method in :mod:`course_lib.merging` works on plain ``dict[str, Tensor]`` state
+dicts. This module holds the pieces they all share:
+
+* :func:`validate` checks that the inputs can be merged at all and raises a ``ValueError`` that
+  names the offending key and what is wrong (missing key, shape, dtype, NaN/Inf).
+* :func:`plan` decides, once, which keys are merged: floating-point tensors that match the
+  ``keys`` regex and do not match ``exclude``. Integer buffers (position ids, masks) are never
+  merged; keys that share storage with an earlier key (tied weights) are merged once.
+* :class:`TaskVector` is the difference ``tau = theta_ft - theta_0`` with ``+``, ``-``, unary
+  ``-``, scalar ``*``, ``sum()`` and :meth:`TaskVector.apply_to` (Ilharco et al., 2023, Sec. 2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+__all__ = [
+    "StateDict",
+    "MergePlan",
+    "TaskVector",
+    "plan",
+    "validate",
+    "task_vector",
+    "task_vectors",
+    "assemble",
+    "check_scaling",
+    "check_fraction",
+]
+
+
+def _fmt_shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def is_mergeable(tensor: Tensor) -> bool:
+    """Only floating-point tensors carry learned weights; int/bool buffers are never merged."""
+    return torch.is_floating_point(tensor)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Which keys a merge touches.
+
+    ``merged`` keys are combined by the method; ``passthrough`` keys are copied from the
+    reference state dict (pretrained, or the first model for weight averaging); ``aliases`` maps
+    a tied key to the key whose merged tensor it shares.
+    """
+
+    merged: tuple[str, ...]
+    passthrough: tuple[str, ...]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def count(self, state_dict: Mapping[str, Tensor]) -> int:
+        """Number of parameters that are merged (tied keys counted once)."""
+        return sum(state_dict[k].numel() for k in self.merged)
+
+
+def _storage_id(t: Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
+    if t.device.type == "meta":
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def plan(
+    reference: Mapping[str, Tensor], keys: str | None = None, exclude: str | None = None
+) -> MergePlan:
+    """Split the keys of ``reference`` into merged, passthrough and tied aliases.
+
+    A key is merged when it is a floating-point tensor, ``re.search(keys, name)`` matches (or
+    ``keys`` is None) and ``re.search(exclude, name)`` does not (or ``exclude`` is None).
+    A key whose tensor is a view of the same storage as an earlier merged key (tied embeddings,
+    e.g. ``lm_head.weight`` and ``embed_tokens.weight``) is merged once and re-tied.
+    """
+    inc = re.compile(keys) if keys is not None else None
+    exc = re.compile(exclude) if exclude is not None else None
+    merged: list[str] = []
+    passthrough: list[str] = []
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in reference.items():
+        selected = (inc is None or inc.search(name)) and not (exc is not None and exc.search(name))
+        if not (selected and is_mergeable(tensor)):
+            passthrough.append(name)
+            continue
+        sid = _storage_id(tensor)
+        if sid is not None and sid in seen:
+            aliases[name] = seen[sid]
+            continue
+        if sid is not None:
+            seen[sid] = name
+        merged.append(name)
+    if not merged:
+        raise ValueError(
+            f"no tensor selected for merging (keys={keys!r}, exclude={exclude!r}); "
+            f"the state dict has {len(reference)} keys, e.g. {list(reference)[:3]}"
+        )
+    return MergePlan(tuple(merged), tuple(passthrough), aliases)
+
+
+def _check_finite(name: str, tensor: Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = "NaN" if torch.isnan(tensor).any() else "Inf"
+        raise ValueError(f"key {name!r} in {where} contains {bad} values; refusing to merge")
+
+
+def validate(
+    pretrained: Mapping[str, Tensor] | None,
+    finetuned: Sequence[Mapping[str, Tensor]],
+    merged_keys: Iterable[str] | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the key and problem if the models cannot be merged.
+
+    Checks: at least one fine-tuned model; every model has exactly the reference's keys; every
+    value is a tensor of the reference's shape and dtype; merged tensors are finite.
+    The reference is ``pretrained`` when given, else ``finetuned[0]``.
+    """
+    if isinstance(finetuned, Mapping):
+        raise ValueError("finetuned must be a list of state dicts, got a single state dict")
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError("finetuned is empty: need at least one fine-tuned state dict to merge")
+    named = [("pretrained", pretrained)] if pretrained is not None else []
+    named += [(f"finetuned[{i}]", sd) for i, sd in enumerate(finetuned)]
+    ref_name, ref = named[0]
+    for where, sd in named:
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{where} must be a dict of tensors, got {type(sd).__name__}")
+        for name, t in sd.items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"key {name!r} in {where} is a {type(t).__name__}, not a Tensor")
+    ref_keys = set(ref)
+    for where, sd in named[1:]:
+        missing = [k for k in ref if k not in sd]
+        extra = [k for k in sd if k not in ref_keys]
+        if missing:
+            raise ValueError(f"key {missing[0]!r} is in {ref_name} but missing from {where}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if extra:
+            raise ValueError(f"key {extra[0]!r} is in {where} but not in {ref_name}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name, t in ref.items():
+            other = sd[name]
+            if other.shape != t.shape:
+                raise ValueError(
+                    f"key {name!r}: shape {_fmt_shape(other)} in {where} but "
+                    f"{_fmt_shape(t)} in {ref_name}"
+                )
+            if other.dtype != t.dtype:
+                raise ValueError(
+                    f"key {name!r}: dtype {other.dtype} in {where} but {t.dtype} in {ref_name}"
+                )
+    check = list(merged_keys) if merged_keys is not None else [k for k in ref if is_mergeable(ref[k])]
+    for where, sd in named:
+        for name in check:
+            _check_finite(name, sd[name], where)
+
+
+def check_fraction(name: str, value: float) -> float:
+    """Validate a keep fraction such as TIES ``density`` or PCB ``ratio``: must lie in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries kept), got {value!r}")
+    return float(value)
+
+
+def check_scaling(scaling: float | Sequence[float], num_tasks: int) -> list[float]:
+    """Return one finite scaling coefficient per task (a scalar is broadcast)."""
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+        values = [float(scaling)] * num_tasks
+    else:
+        values = [float(s) for s in scaling]
+        if len(values) != num_tasks:
+            raise ValueError(
+                f"scaling has {len(values)} values but there are {num_tasks} fine-tuned models; "
+                "pass one float or one value per task"
+            )
+    for i, v in enumerate(values):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"scaling[{i}] is {v}; it must be finite")
+    return values
+
+
+def assemble(
+    merged: Mapping[str, Tensor], plan_: MergePlan, reference: Mapping[str, Tensor]
+) -> StateDict:
+    """Build the output state dict in the reference's key order.
+
+    Merged tensors come from ``merged``; passthrough keys are cloned from ``reference``;
+    tied aliases point at the same merged tensor.
+    """
+    out: StateDict = {}
+    for name, tensor in reference.items():
+        if name in merged:
+            out[name] = merged[name]
+        elif name in plan_.aliases:
+            out[name] = merged[plan_.aliases[name]]
+        else:
+            out[name] = tensor.clone()
+    return out
+
+
+def _same_keys(a: TaskVector, b: TaskVector, op: str) -> None:
+    if a.vector.keys() != b.vector.keys():
+        only_a = sorted(set(a.vector) - set(b.vector))
+        only_b = sorted(set(b.vector) - set(a.vector))
+        key = (only_a or only_b)[0]
+        side = "left" if only_a else "right"
+        raise ValueError(f"cannot {op} task vectors: key {key!r} is only in the {side} operand")
+    for k, t in a.vector.items():
+        if b.vector[k].shape != t.shape:
+            raise ValueError(
+                f"cannot {op} task vectors: key {k!r} has shape {_fmt_shape(t)} vs "
+                f"{_fmt_shape(b.vector[k])}"
+            )
+
+
+class TaskVector(Mapping[str, Tensor]):
+    """A task vector ``tau = theta_ft - theta_0`` (Ilharco et al., ICLR 2023, Sec. 2).
+
+    It is a read-only mapping from parameter name to difference tensor, closed under the
+    arithmetic of the paper: ``tau_a + tau_b`` (addition), ``-tau`` (negation, forgetting),
+    ``lam * tau`` (scaling) and ``sum([...])``. ``apply_to(theta_0, lam)`` returns
+    ``theta_0 + lam * tau`` as a new state dict; keys that are not in the vector (heads,
+    integer buffers) keep their pretrained values.
+    """
+
+    __slots__ = ("vector",)
+
+    def __init__(self, vector: Mapping[str, Tensor]):
+        self.vector: StateDict = dict(vector)
+
+    # -- Mapping protocol -------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Tensor:
+        return self.vector[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.vector)
+
+    def __len__(self) -> int:
+        return len(self.vector)
+
+    def __repr__(self) -> str:
+        return f"TaskVector({len(self.vector)} tensors, {self.numel():,} parameters)"
+
+    # -- arithmetic -------------------------------------------------------------------------
+    def __add__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        _same_keys(self, other, "add")
+        return TaskVector({k: v + other.vector[k] for k, v in self.vector.items()})
+
+    def __radd__(self, other: object) -> TaskVector:
+        # Lets the builtin sum() start from 0.
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        _same_keys(self, other, "subtract")
+        return TaskVector({k: v - other.vector[k] for k, v in self.vector.items()})
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector({k: -v for k, v in self.vector.items()})
+
+    def __mul__(self, scalar: float) -> TaskVector:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return TaskVector({k: v * scalar for k, v in self.vector.items()})
+
+    __rmul__ = __mul__
+
+    # -- utilities --------------------------------------------------------------------------
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.vector.values())
+
+    def norm(self) -> float:
+        """Global L2 norm of the concatenated vector."""
+        return float(sum(v.double().pow(2).sum() for v in self.vector.values()) ** 0.5)
+
+    def flatten(self) -> Tensor:
+        """All entries, in sorted key order, as one 1-D tensor (for small models and plots)."""
+        return torch.cat([self.vector[k].reshape(-1) for k in sorted(self.vector)])
+
+    def cosine(self, other: TaskVector) -> float:
+        """Cosine similarity of two task vectors over their common keys."""
+        _same_keys(self, other, "compare")
+        dot = sum((v.double() * other.vector[k].double()).sum() for k, v in self.vector.items())
+        return float(dot / max(self.norm() * other.norm(), 1e-30))
+
+    def apply_to(self, pretrained: Mapping[str, Tensor], scaling: float = 1.0) -> StateDict:
+        """Return ``theta_0 + scaling * tau``; keys not in the vector are copied unchanged."""
+        missing = [k for k in self.vector if k not in pretrained]
+        if missing:
+            raise ValueError(f"key {missing[0]!r} of the task vector is not in pretrained")
+        out: StateDict = {}
+        for name, base in pretrained.items():
+            if name in self.vector:
+                delta = self.vector[name]
+                if delta.shape != base.shape:
+                    raise ValueError(
+                        f"key {name!r}: task vector shape {_fmt_shape(delta)} but pretrained "
+                        f"shape {_fmt_shape(base)}"
+                    )
+                out[name] = (base.float() + scaling * delta.float()).to(base.dtype)
+            else:
+                out[name] = base.clone()
+        return out
+
+
+def task_vector(
+    pretrained: Mapping[str, Tensor],
+    finetuned_one: Mapping[str, Tensor],
+    keys: str | None = None,
+    exclude: str | None = None,
+) -> TaskVector:
+    """``tau = theta_ft - theta_0`` over the merged keys (Ilharco et al., 2023, Eq. 1)."""
+    validate(pretrained, [finetuned_one])
+    p = plan(pretrained, keys, exclude)
+    return TaskVector({k: finetuned_one[k] - pretrained[k] for k in p.merged})
+
+
+def task_vectors(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    keys: str | None = None,
+    exclude: str | None = None,
+) -> list[TaskVector]:
+    """One :class:`TaskVector` per fine-tuned model."""
+    validate(pretrained, finetuned)
+    p = plan(pretrained, keys, exclude)
+    return [TaskVector({k: ft[k] - pretrained[k] for k in p.merged}) for ft in finetuned]

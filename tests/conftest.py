@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests never touch the network: a hub call without this hangs ~50 s."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def random_models(num_tasks=3, seed=0, shapes=None, scale=0.1):
+    """A pretrained state dict and ``num_tasks`` fine-tuned ones (random, float32)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"enc.weight": (8, 6), "enc.bias": (8,), "out.weight": (4, 8)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(num_tasks)]
+    return pre, fts
+
+
+@pytest.fixture
+def models():
+    return random_models()
