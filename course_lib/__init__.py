@@ -1,2 +1,3 @@
 """Model Merging from Scratch: course library."""
+
 __version__ = "0.1.0"

@@ -142,11 +142,15 @@ def validate(
         missing = [k for k in ref if k not in sd]
         extra = [k for k in sd if k not in ref_keys]
         if missing:
-            raise ValueError(f"key {missing[0]!r} is in {ref_name} but missing from {where}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise ValueError(
+                f"key {missing[0]!r} is in {ref_name} but missing from {where}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         if extra:
-            raise ValueError(f"key {extra[0]!r} is in {where} but not in {ref_name}"
-                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            raise ValueError(
+                f"key {extra[0]!r} is in {where} but not in {ref_name}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
         for name, t in ref.items():
             other = sd[name]
             if other.shape != t.shape:
@@ -158,7 +162,9 @@ def validate(
                 raise ValueError(
                     f"key {name!r}: dtype {other.dtype} in {where} but {t.dtype} in {ref_name}"
                 )
-    check = list(merged_keys) if merged_keys is not None else [k for k in ref if is_mergeable(ref[k])]
+    check = (
+        list(merged_keys) if merged_keys is not None else [k for k in ref if is_mergeable(ref[k])]
+    )
     for where, sd in named:
         for name in check:
             _check_finite(name, sd[name], where)

@@ -15,7 +15,10 @@ def random_models(num_tasks=3, seed=0, shapes=None, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or {"enc.weight": (8, 6), "enc.bias": (8,), "out.weight": (4, 8)}
     pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    fts = [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(num_tasks)]
+    fts = [
+        {k: v + scale * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+        for _ in range(num_tasks)
+    ]
     return pre, fts
 
 

@@ -54,7 +54,9 @@ def prepare(
     return p
 
 
-def deltas(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+def deltas(
+    pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], key: str
+) -> Tensor:
     """Stacked task vectors ``[T, *shape]`` of one tensor, in float32 (never the whole model)."""
     base = pretrained[key].float()
     return torch.stack([ft[key].float() - base for ft in finetuned])

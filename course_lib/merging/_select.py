@@ -43,19 +43,20 @@ def kth_smallest_rows(
     *,
     sample_size: int = 1 << 20,
     seed: int = 0,
-    direct_limit: int = DIRECT_LIMIT,
+    direct_limit: int | None = None,
 ) -> Tensor:
     """Return ``out[t, j]``: the value of 0-based ascending rank ``ranks[t][j]`` in row t.
 
     ``keys``/``numels`` list the tensors the rows are spread over (D = sum(numels) values per
     row). Memory: the sample plus the in-bracket candidates (a fraction of a percent of D),
-    never [T, D].
+    never [T, D]. Rows of at most ``direct_limit`` values (default :data:`DIRECT_LIMIT`) are
+    simply concatenated and sorted.
     """
     total = int(sum(numels))
     ranks_t = torch.tensor([[int(r) for r in row] for row in ranks], dtype=torch.long)
     if (ranks_t < 0).any() or (ranks_t >= total).any():
         raise ValueError(f"ranks must lie in [0, {total}), got {ranks_t.tolist()}")
-    if total <= direct_limit:
+    if total <= (DIRECT_LIMIT if direct_limit is None else direct_limit):
         return _direct(keys, values, ranks_t)
 
     gen = torch.Generator().manual_seed(seed)

@@ -40,12 +40,16 @@ def _check_drop_rate(drop_rate: float) -> float:
     if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
         raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
     if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1) (1 would drop everything), got {drop_rate!r}")
+        raise ValueError(
+            f"drop_rate must be in [0, 1) (1 would drop everything), got {drop_rate!r}"
+        )
     return float(drop_rate)
 
 
 def _generator(seed: int, task: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + task * 7919 + zlib.crc32(key.encode())) % 2**63)
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + task * 7919 + zlib.crc32(key.encode())) % 2**63
+    )
 
 
 def dare_experts(

@@ -97,7 +97,9 @@ def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
     return out
 
 
-def balance(tau: Tensor, lo: Tensor, hi: Tensor, inter: Inter = "pairwise") -> tuple[Tensor, Tensor]:
+def balance(
+    tau: Tensor, lo: Tensor, hi: Tensor, inter: Inter = "pairwise"
+) -> tuple[Tensor, Tensor]:
     """The PCB score beta = intra * inter of a stacked [T, ...] tensor, and the clipped tau_c."""
     m, tau_c = normalized_magnitude(tau, lo, hi)
     return intra_balance(m) * inter_balance(tau, m, inter), tau_c
@@ -150,7 +152,9 @@ def pcb_merging(
 
     # Pass 2: drop threshold and maximum of beta per task.
     stats = kth_smallest_rows(
-        keys_, numels, lambda k, i: balance(tau_at(k, i), lo, hi, inter)[0],
+        keys_,
+        numels,
+        lambda k, i: balance(tau_at(k, i), lo, hi, inter)[0],
         [[drop_rank(total, ratio), total - 1]] * num,
     )
     thr, beta_max = stats[:, 0].contiguous(), stats[:, 1].contiguous()

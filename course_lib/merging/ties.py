@@ -92,7 +92,9 @@ def global_thresholds(
     def magnitudes(key: str, idx: Tensor | None) -> Tensor:
         base = pretrained[key].reshape(-1)
         if idx is None:
-            return torch.stack([(ft[key].reshape(-1).float() - base.float()).abs_() for ft in finetuned])
+            return torch.stack(
+                [(ft[key].reshape(-1).float() - base.float()).abs_() for ft in finetuned]
+            )
         b = base[idx].float()
         return torch.stack([(ft[key].reshape(-1)[idx].float() - b).abs_() for ft in finetuned])
 
@@ -121,7 +123,9 @@ def ties_merging(
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling != scaling:
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
 
-    thresholds = global_thresholds(pretrained, finetuned, p.merged, density) if scope == "global" else None
+    thresholds = (
+        global_thresholds(pretrained, finetuned, p.merged, density) if scope == "global" else None
+    )
     merged: dict[str, Tensor] = {}
     # Global scope: where the trimmed sum is exactly 0 the elected sign is the sign of the sum of
     # *all* elected signs in the model, known only at the end. Those positions are rare; we keep

@@ -58,7 +58,9 @@ def twin_vectors(
 ) -> list[TaskVector]:
     """v_t = theta_t - theta* for every merged key (a TaskVector relative to the shared expert)."""
     p = prepare(shared, finetuned, keys, exclude)
-    return [TaskVector({k: ft[k].float() - shared[k].float() for k in p.merged}) for ft in finetuned]
+    return [
+        TaskVector({k: ft[k].float() - shared[k].float() for k in p.merged}) for ft in finetuned
+    ]
 
 
 # -- 3. compression ------------------------------------------------------------------------
@@ -94,7 +96,9 @@ class CompressedVector:
 
     @property
     def stored_params(self) -> int:
-        return sum(p.stored_params if isinstance(p, LowRank) else p.numel() for p in self.parts.values())
+        return sum(
+            p.stored_params if isinstance(p, LowRank) else p.numel() for p in self.parts.values()
+        )
 
     @property
     def dense_params(self) -> int:
@@ -137,7 +141,7 @@ def compress(
     out = []
     for vec in tqdm(vectors, desc="SVD compress", disable=len(vectors) < 4, leave=False):
         parts: dict[str, LowRank | Tensor] = {}
-        for key in vec.keys():
+        for key in vec:
             t = vec[key]
             if t.dim() == 2:
                 k = svd_rank(t.shape, rank_ratio)
@@ -199,12 +203,20 @@ class Router(nn.Module):
     size defaults to twice the feature size, as in the reference code.
     """
 
-    def __init__(self, in_features: int, num_tasks: int, hidden: int | None = None, dropout: float = 0.5):
+    def __init__(
+        self, in_features: int, num_tasks: int, hidden: int | None = None, dropout: float = 0.5
+    ):
         super().__init__()
         hidden = hidden or 2 * in_features
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(dropout),
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_tasks),
         )
 
@@ -270,7 +282,7 @@ def train_router(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         hist.train_loss.append(total / len(order))
         vx, vy = val if val is not None else (features, labels)
         acc = float((router.weights(vx).argmax(-1) == vy.long()).float().mean())

@@ -1,0 +1,55 @@
+"""One place for the course's settings: profile, device, paths and seeds.
+
+The profile is ``mini`` (offline, CPU, minutes) or ``full`` (GPU + Hugging Face hub). It is read
+from the ``COURSE_PROFILE`` environment variable; without it, ``full`` is chosen only when CUDA
+is available and the hub is not switched off (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILES = ("mini", "full")
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+CACHE_DIR = Path(os.environ.get("COURSE_CACHE", DATA_DIR / "cache"))
+RESULTS_DIR = ROOT / "results"
+DEFAULT_SEED = 0
+
+
+def profile() -> str:
+    """The active profile: ``$COURSE_PROFILE`` if set, else ``full`` on an online GPU, else ``mini``."""
+    value = os.environ.get("COURSE_PROFILE")
+    if value:
+        if value not in PROFILES:
+            raise ValueError(f"COURSE_PROFILE must be one of {PROFILES}, got {value!r}")
+        return value
+    online = os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
+    return "full" if torch.cuda.is_available() and online else "mini"
+
+
+def device() -> torch.device:
+    """CUDA when available (and not disabled with ``COURSE_DEVICE=cpu``), else the CPU."""
+    forced = os.environ.get("COURSE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int = DEFAULT_SEED) -> None:
+    """Seed Python, NumPy and torch so every run of a profile gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds legacy global-state users (e.g. sklearn)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def describe() -> str:
+    """A one-line summary printed at the top of every notebook and command."""
+    return f"profile={profile()} device={device()} torch={torch.__version__}"

@@ -1,0 +1,107 @@
+"""PCB-Merging steps on a tiny example, computed by hand with math.exp / math.tanh."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from course_lib.merging import pcb_merging
+from course_lib.merging.pcb import (
+    balance,
+    clip_bounds_ranks,
+    drop_rank,
+    drop_weights,
+    inter_balance,
+    intra_balance,
+    normalized_magnitude,
+    rescale_merge,
+)
+
+# Two tasks, four parameters.
+TAU = torch.tensor([[0.2, -0.4, 0.0, 0.1], [0.4, 0.2, -0.2, 0.0]])
+
+
+def test_normalized_magnitude_without_clipping():
+    lo, hi = torch.tensor([0.0, 0.0]), torch.tensor([0.4, 0.4])
+    m, tau_c = normalized_magnitude(TAU, lo, hi)
+    assert_close(m, torch.tensor([[0.5, 1.0, 0.0, 0.25], [1.0, 0.5, 0.5, 0.0]]))
+    assert_close(tau_c, TAU)
+
+
+def test_normalized_magnitude_clips_outliers():
+    lo, hi = torch.tensor([0.1, 0.1]), torch.tensor([0.2, 0.2])
+    m, tau_c = normalized_magnitude(TAU, lo, hi)
+    assert_close(tau_c, torch.tensor([[0.2, -0.2, 0.0, 0.1], [0.2, 0.2, -0.2, 0.0]]))
+    # |tau| clipped to [0.1, 0.2], then (a - 0.1) / 0.1; sign(0) = 0 keeps tau_c at 0.
+    assert_close(m, torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_intra_balance_is_exp_of_n_m_squared():
+    m = torch.tensor([[0.5, 1.0], [0.0, 0.25]])
+    assert_close(
+        intra_balance(m), torch.tensor([[math.exp(0.5), math.exp(2.0)], [1.0, math.exp(0.125)]])
+    )
+
+
+def test_inter_balance_pairwise_and_sum():
+    m = torch.tensor([[0.5, 1.0], [1.0, 0.5]])
+    tau = torch.tensor([[0.2, -0.4], [0.4, 0.2]])
+    u = [[0.5, -1.0], [1.0, 0.5]]
+    expected = [
+        [math.tanh(u[0][p] * u[0][p]) + math.tanh(u[0][p] * u[1][p]) for p in range(2)],
+        [math.tanh(u[1][p] * u[0][p]) + math.tanh(u[1][p] * u[1][p]) for p in range(2)],
+    ]
+    assert_close(inter_balance(tau, m, "pairwise"), torch.tensor(expected))
+    s = [0.6, -0.2]
+    expected_sum = [[math.tanh(tau[i, p].item() * s[p]) for p in range(2)] for i in range(2)]
+    assert_close(inter_balance(tau, m, "sum"), torch.tensor(expected_sum))
+    with pytest.raises(ValueError, match="inter"):
+        inter_balance(tau, m, "softmax")
+
+
+def test_drop_weights_zero_below_threshold_and_one_at_max():
+    beta = torch.tensor([[1.0, 3.0, 2.0, 5.0]])
+    w = drop_weights(beta, torch.tensor([2.0]), torch.tensor([5.0]))
+    assert_close(w, torch.tensor([[0.0, 1 / 3, 0.0, 1.0]]))
+
+
+def test_rescale_merge_is_a_weighted_mean_with_lambda_inside():
+    tau_c = torch.tensor([[1.0, 2.0, 3.0], [3.0, -2.0, 1.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.5, 0.0]])
+    got = rescale_merge(tau_c, w, [1.0, 2.0])
+    assert_close(got, torch.tensor([(1.0 + 6.0) / 2.0, (2.0 * 0.5 * -2.0) / 0.5, 0.0]))
+
+
+def test_ranks_follow_the_reference_code():
+    assert clip_bounds_ranks(1000, 0.01) == (10, 989)
+    assert clip_bounds_ranks(10, 0.0) == (0, 9)
+    assert drop_rank(1000, 0.1) == 900
+    assert drop_rank(10, 1.0) == 0
+
+
+def test_pcb_end_to_end_matches_the_steps():
+    pre = {"w": torch.zeros(4)}
+    fts = [{"w": row.clone()} for row in TAU]
+    out = pcb_merging(pre, fts, ratio=0.5, scaling=1.0, clip_quantile=0.0)
+    lo, hi = torch.zeros(2), TAU.abs().max(dim=1).values
+    beta, tau_c = balance(TAU, lo, hi)
+    srt = beta.sort(dim=1).values
+    w = drop_weights(beta, srt[:, 2], srt[:, 3])
+    assert_close(out["w"], rescale_merge(tau_c, w, [1.0, 1.0]))
+    # Exactly the top half of each task's scores survive (weights > 0 only above the median).
+    assert ((w > 0).sum(dim=1) <= 2).all()
+
+
+def test_pcb_never_lets_a_lone_dissenter_flip_the_sign():
+    # Tasks 0 and 1 are positive everywhere; task 2 opposes them at every odd position.
+    g = torch.Generator().manual_seed(0)
+    tau = 0.5 + torch.rand(3, 40, generator=g)
+    tau[2, 1::2] *= -1
+    out = pcb_merging(
+        {"w": torch.zeros(40)}, [{"w": r.clone()} for r in tau], ratio=0.5, clip_quantile=0.0
+    )
+    conflicts = out["w"][1::2]
+    assert (conflicts >= 0).all()  # the dissenting entries get weight 0 (inter-balancing)
+    # ... while a plain average is dragged towards 0 at every conflict.
+    assert (conflicts.max() > tau.mean(0)[1::2].max()).item()
