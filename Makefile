@@ -8,6 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+LINT_PATHS := course_lib tests benchmarks $(wildcard tools/*.py)
 
 .PHONY: help setup setup-dev course test lint format lab bench clean
 
@@ -37,16 +38,16 @@ course: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib course
 
 test: $(VENV)/.dev-installed
-	$(BIN)/ruff check course_lib tests benchmarks tools
+	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/python -m pytest -p no:cacheprovider --junitxml=build/test-results.xml $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check course_lib tests benchmarks tools
-	$(BIN)/ruff format --check course_lib tests benchmarks tools
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: $(VENV)/.dev-installed
-	$(BIN)/ruff format course_lib tests benchmarks tools
-	$(BIN)/ruff check --fix course_lib tests benchmarks tools
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 lab: $(VENV)/.course-installed
 	$(BIN)/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )

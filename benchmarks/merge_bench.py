@@ -184,7 +184,9 @@ def make_models(num: int, small: bool, seed: int = 0) -> tuple[StateDict, list[S
     layout = model_layout(small)
     pre: StateDict = {}
     for name, (shape, value) in layout.items():
-        pre[name] = value.clone() if value is not None else torch.randn(shape, generator=gen).mul_(0.02)
+        pre[name] = (
+            value.clone() if value is not None else torch.randn(shape, generator=gen).mul_(0.02)
+        )
     fts = []
     for _ in range(num):
         ft: StateDict = {}
@@ -209,7 +211,10 @@ def state_bytes(sd: StateDict) -> int:
 
 
 def official_ties(
-    pretrained: StateDict, finetuned: list[StateDict], density: float = DENSITY, scaling: float = 1.0
+    pretrained: StateDict,
+    finetuned: list[StateDict],
+    density: float = DENSITY,
+    scaling: float = 1.0,
 ) -> StateDict:
     """The reference TIES code's approach, written from scratch: everything as one [T, D] matrix.
 
@@ -247,8 +252,10 @@ def fusionbench_ties(
     """fusion-bench's TIES (TiesMergingAlgorithm.run's 'merging models' step), K = 20, mean."""
     from fusion_bench.method.ties_merging.ties_merging_utils import (
         state_dict_to_vector,
-        ties_merging as fb_ties_merging,
         vector_to_state_dict,
+    )
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        ties_merging as fb_ties_merging,
     )
 
     remove = [k for k, v in pretrained.items() if not v.is_floating_point()]
@@ -300,7 +307,9 @@ def check_same(ours: StateDict, ref: StateDict, what: str) -> str:
         differing += int((~close).sum())
         total += a.numel()
         max_diff = max(max_diff, float((a - b).abs().max()))
-    assert differing == 0, f"{what}: {differing} of {total} entries differ (max |diff| {max_diff:.3g})"
+    assert differing == 0, (
+        f"{what}: {differing} of {total} entries differ (max |diff| {max_diff:.3g})"
+    )
     return f"{what}: allclose on all {total:,} entries (max |diff| {max_diff:.3g})"
 
 
@@ -364,7 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.models < 1:
         ap.error("--models must be >= 1")
-    selected = list(ALL) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    selected = (
+        list(ALL) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    )
     unknown = [s for s in selected if s not in ALL]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {','.join(ALL)}")
@@ -399,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_global: StateDict | None = None
 
     if "task_arithmetic" in sel:
-        out = measure(rows, "task_arithmetic", lambda: task_arithmetic(pre, fts, TA_SCALING), "lambda 0.3")
+        out = measure(
+            rows, "task_arithmetic", lambda: task_arithmetic(pre, fts, TA_SCALING), "lambda 0.3"
+        )
         del out
     if "ties_global" in sel:
         ours_global = measure(
@@ -420,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         out = measure(rows, "pcb_merging", lambda: pcb_merging(pre, fts), "defaults")
         del out
     if "twin" in sel:
-        shared = measure(rows, "twin: shared_expert", lambda: shared_expert(pre, fts), "TA lambda 0.3")
+        shared = measure(
+            rows, "twin: shared_expert", lambda: shared_expert(pre, fts), "TA lambda 0.3"
+        )
         vectors = measure(rows, "twin: twin_vectors", lambda: twin_vectors(shared, fts))
         compressed = measure(
             rows,
@@ -441,14 +456,18 @@ def main(argv: list[str] | None = None) -> int:
             "[T x D] kthvalue, same k as ours",
         )
         if ours_global is not None:
-            notes.append(check_same(ours_global, ref, 'ties_merging(scope="global") vs official approach'))
+            notes.append(
+                check_same(ours_global, ref, 'ties_merging(scope="global") vs official approach')
+            )
             print("  " + notes[-1], flush=True)
         del ref
     if "fusionbench" in sel:
         release()
         import fusion_bench.method.ties_merging.ties_merging_utils  # noqa: F401  (import outside timing)
 
-        ref = measure(rows, "fusion-bench ties_merging", lambda: fusionbench_ties(pre, fts), "K=20, mean")
+        ref = measure(
+            rows, "fusion-bench ties_merging", lambda: fusionbench_ties(pre, fts), "K=20, mean"
+        )
         if ours_global is not None:
             differing, total, max_diff = count_diff(ours_global, ref)
             notes.append(
@@ -457,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                 "floor(0.2*D)"
             )
             print("  " + notes[-1], flush=True)
-            assert differing <= 16 * args.models, "fusion-bench differs at more than a handful of positions"
+            assert differing <= 16 * args.models, (
+                "fusion-bench differs at more than a handful of positions"
+            )
         del ref
     del ours_global
     release()
