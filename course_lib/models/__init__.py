@@ -1,0 +1,1 @@
+"""Models: the mini-CLIP, hub loaders and the model zoo."""
