@@ -21,7 +21,7 @@ def test_matches_a_full_sort_even_with_a_bad_sample(sample_size):
     got = kth_smallest_rows(
         keys,
         [data[k].shape[1] for k in keys],
-        lambda k, idx: data[k] if idx is None else data[k][:, idx],
+        lambda k, where: data[k][:, where],
         [ranks] * 3,
         sample_size=sample_size,
         direct_limit=0,

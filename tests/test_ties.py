@@ -71,7 +71,9 @@ def test_ties_merging_end_to_end_on_the_hand_example():
     assert_close(out["w"], 2.0 * torch.tensor([0.5, 2.0, -0.9, 0.7, 2.5]))
 
 
-def test_global_scope_ranks_the_whole_model_and_resolves_zero_sums_globally():
+@pytest.mark.parametrize("chunk", [1, 2, 1 << 16])
+def test_global_scope_ranks_the_whole_model_and_resolves_zero_sums_globally(chunk, monkeypatch):
+    monkeypatch.setattr(_select, "CHUNK", chunk)  # the zero-sum rule must not depend on chunking
     pre = {"a": torch.zeros(1), "b": torch.zeros(3)}
     fts = [
         {"a": torch.tensor([1.0]), "b": torch.tensor([-2.0, -3.0, -1.0])},
@@ -98,8 +100,9 @@ def test_global_trim_differs_from_per_tensor_trim():
 @pytest.mark.parametrize("aggregate", ["mean", "sum", "max"])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_ties_global_equals_flat_reference(aggregate, streaming, monkeypatch):
-    if streaming:  # force the sample-and-refine path on these small models
+    if streaming:  # force the sample-and-refine path and many chunks on these small models
         monkeypatch.setattr(_select, "DIRECT_LIMIT", 0)
+        monkeypatch.setattr(_select, "CHUNK", 7)
     pre, fts = random_models(num_tasks=4, seed=3)
     ours = ties_merging(pre, fts, density=0.3, scaling=0.7, aggregate=aggregate)
     ref = ties_flat(pre, fts, density=0.3, scaling=0.7, aggregate=aggregate)
@@ -111,6 +114,7 @@ def test_ties_global_equals_flat_reference(aggregate, streaming, monkeypatch):
 def test_pcb_equals_flat_reference(streaming, monkeypatch):
     if streaming:
         monkeypatch.setattr(_select, "DIRECT_LIMIT", 0)
+        monkeypatch.setattr(_select, "CHUNK", 7)
     pre, fts = random_models(num_tasks=4, seed=5)
     scaling = [0.9, 1.1, 1.2, 1.0]
     ours = pcb_merging(pre, fts, ratio=0.2, scaling=scaling, clip_quantile=0.05)

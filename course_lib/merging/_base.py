@@ -60,3 +60,31 @@ def deltas(
     """Stacked task vectors ``[T, *shape]`` of one tensor, in float32 (never the whole model)."""
     base = pretrained[key].float()
     return torch.stack([ft[key].float() - base for ft in finetuned])
+
+
+def delta_rows(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    key: str,
+    where: Tensor | slice,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Task vectors of one tensor at flat positions ``where`` (indices or a slice): ``[T, m]`` fp32.
+
+    ``out`` (``[T, >= m]``) is reused when it is large enough, so streaming a model chunk by chunk
+    allocates nothing per chunk: the result is then a view of ``out``, overwritten by the next call.
+    """
+    base = pretrained[key].reshape(-1)[where]
+    rows = [ft[key].reshape(-1)[where] for ft in finetuned]
+    m = base.numel()
+    if out is None or out.shape[1] < m:
+        out = torch.empty(len(rows), m)
+    out = out[:, :m]
+    if base.dtype == torch.float32:
+        for t, row in enumerate(rows):
+            torch.sub(row, base, out=out[t])
+    else:
+        base = base.float()
+        for t, row in enumerate(rows):
+            out[t].copy_(row).sub_(base)
+    return out

@@ -23,15 +23,23 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-# values(key, idx) -> Tensor[T, m]: the values of one tensor at flat positions ``idx``
-# (all positions when idx is None). Row t belongs to task t.
-ValuesFn = Callable[[str, Tensor | None], Tensor]
+# values(key, where) -> Tensor[T, m]: the values of one tensor at flat positions ``where``, an
+# index tensor or a ``slice`` of the flattened tensor. Row t belongs to task t. The result may be
+# a reused buffer, overwritten by the next call: callers copy what they keep.
+ValuesFn = Callable[[str, Tensor | slice], Tensor]
 
 DIRECT_LIMIT = 1 << 22  # below this many values per row, just concatenate and kthvalue
+CHUNK = 1 << 16  # columns per streaming step: a [T, CHUNK] float block stays in the CPU cache
+
+
+def chunks(numel: int, size: int | None = None) -> list[slice]:
+    """Consecutive slices of at most ``size`` (default :data:`CHUNK`) positions covering ``numel``."""
+    size = CHUNK if size is None else size
+    return [slice(s, min(numel, s + size)) for s in range(0, numel, size)]
 
 
 def _direct(keys: Sequence[str], values: ValuesFn, ranks: Tensor) -> Tensor:
-    full = torch.cat([values(k, None) for k in keys], dim=1).sort(dim=1).values
+    full = torch.cat([values(k, slice(None)).clone() for k in keys], dim=1).sort(dim=1).values
     return full.gather(1, ranks)
 
 
@@ -63,7 +71,7 @@ def kth_smallest_rows(
     samples = []
     for key, n in zip(keys, numels, strict=True):
         m = max(1, round(sample_size * n / total))
-        samples.append(values(key, torch.randint(0, n, (m,), generator=gen)))
+        samples.append(values(key, torch.randint(0, n, (m,), generator=gen)).clone())
     sample = torch.cat(samples, dim=1).sort(dim=1).values  # [T, S]
     s = sample.shape[1]
     p = ranks_t.double() / total
@@ -73,31 +81,45 @@ def kth_smallest_rows(
     inf = torch.tensor(float("inf"))
     lo = torch.where(lo_i < 0, -inf, sample.gather(1, lo_i.clamp(0, s - 1)))
     hi = torch.where(hi_i >= s, inf, sample.gather(1, hi_i.clamp(0, s - 1)))
-    result = _refine(keys, values, ranks_t, lo, hi)
+    result = _refine(keys, numels, values, ranks_t, lo, hi)
     bad = torch.isnan(result)
     if bad.any():  # unlucky sample (rare): count again with an open bracket for those ranks only
         lo2 = torch.where(bad, -inf, inf)
         hi2 = torch.where(bad, inf, -inf)
-        result = torch.where(bad, _refine(keys, values, ranks_t, lo2, hi2), result)
+        result = torch.where(bad, _refine(keys, numels, values, ranks_t, lo2, hi2), result)
     return result
 
 
-def _refine(keys: Sequence[str], values: ValuesFn, ranks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _refine(
+    keys: Sequence[str],
+    numels: Sequence[int],
+    values: ValuesFn,
+    ranks: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+) -> Tensor:
+    """Count values below ``lo`` and keep those in [lo, hi], one cache-sized chunk at a time."""
     rows, per_row = ranks.shape
     below = torch.zeros(rows, per_row, dtype=torch.long)
-    cands: list[list[list[Tensor]]] = [[[] for _ in range(per_row)] for _ in range(rows)]
-    lo_c, hi_c = lo.float(), hi.float()
-    for key in keys:
-        x = values(key, None)  # [T, n]
-        for j in range(per_row):
-            below[:, j] += (x < lo_c[:, j : j + 1]).sum(dim=1)
-            inside = (x >= lo_c[:, j : j + 1]) & (x <= hi_c[:, j : j + 1])
-            for t in range(rows):
-                cands[t][j].append(x[t][inside[t]])
+    kept: list[list[Tensor]] = [[] for _ in range(per_row)]  # in-bracket values, row-major
+    counts: list[list[Tensor]] = [[] for _ in range(per_row)]  # how many of them per row
+    for key, n in zip(keys, numels, strict=True):
+        for where in chunks(n):
+            x = values(key, where)  # [T, chunk]
+            for j in range(per_row):
+                lo_j, hi_j = lo[:, j : j + 1], hi[:, j : j + 1]
+                below[:, j] += (x < lo_j).sum(dim=1)
+                inside = (x >= lo_j) & (x <= hi_j)
+                kept[j].append(x[inside])
+                counts[j].append(inside.sum(dim=1))
     out = torch.full((rows, per_row), float("nan"))
-    for t in range(rows):
-        for j in range(per_row):
-            c = torch.cat(cands[t][j])
+    for j in range(per_row):
+        vals = torch.cat(kept[j])
+        row_of = torch.repeat_interleave(
+            torch.arange(rows).repeat(len(counts[j])), torch.stack(counts[j]).reshape(-1)
+        )
+        for t in range(rows):
+            c = vals[row_of == t]
             r = int(ranks[t, j] - below[t, j])
             if 0 <= r < c.numel():
                 out[t, j] = c.kthvalue(r + 1).values

@@ -38,8 +38,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from course_lib.merging._base import deltas, prepare, register
-from course_lib.merging._select import kth_smallest_rows
+from course_lib.merging._base import delta_rows, prepare, register
+from course_lib.merging import _select
+from course_lib.merging._select import chunks, kth_smallest_rows
 from course_lib.state import StateDict, assemble, check_fraction, check_scaling
 
 Inter = Literal["pairwise", "sum"]
@@ -83,18 +84,23 @@ def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
 
     ``pairwise``: sum_j tanh(u_i u_j), u = sign(tau) m (variant C);
     ``sum``: tanh(tau_i * sum_j tau_j) (variant A; negative where tau_i opposes the consensus).
+
+    The pairwise sum is the expensive part of PCB (T(T+1)/2 transcendental evaluations per
+    position). We use tanh(x) = 2 sigmoid(2x) - 1 (the same function; PyTorch's CPU sigmoid is
+    ~3x faster than its tanh) and the symmetry tanh(u_i u_j) = tanh(u_j u_i).
     """
     if inter == "sum":
         return torch.tanh(tau * tau.sum(dim=0, keepdim=True))
     if inter != "pairwise":
         raise ValueError(f"inter must be 'pairwise' or 'sum', got {inter!r}")
     u = tau.sign() * m
-    out = torch.zeros_like(u)
+    two_u = 2.0 * u
+    total = torch.zeros_like(u)  # total[i] = sum_j sigmoid(2 u_i u_j)
     for i in range(u.shape[0]):
-        prod = torch.tanh(u[i : i + 1] * u[i:])  # pairs (i, j >= i); tanh(u_i u_j) is symmetric
-        out[i] += prod.sum(dim=0)
-        out[i + 1 :] += prod[1:]
-    return out
+        s = torch.sigmoid_(u[i] * two_u[i:])  # pairs (i, j >= i)
+        total[i] += s.sum(dim=0)
+        total[i + 1 :] += s[1:]
+    return total.mul_(2.0).sub_(u.shape[0])
 
 
 def balance(
@@ -141,20 +147,23 @@ def pcb_merging(
     numels = [pretrained[k].numel() for k in keys_]
     total, num = sum(numels), len(finetuned)
 
-    def tau_at(key: str, idx: Tensor | None) -> Tensor:
-        tau = deltas(pretrained, finetuned, key)
-        return _rows(tau) if idx is None else _rows(tau)[:, idx]
+    buf = torch.empty(num, _select.CHUNK)
+
+    def tau_at(key: str, where: Tensor | slice) -> Tensor:
+        return delta_rows(pretrained, finetuned, key, where, buf)
 
     # Pass 1: the clip bounds of |tau| per task.
     lo_r, hi_r = clip_bounds_ranks(total, clip_quantile)
-    bounds = kth_smallest_rows(keys_, numels, lambda k, i: tau_at(k, i).abs(), [[lo_r, hi_r]] * num)
+    bounds = kth_smallest_rows(
+        keys_, numels, lambda k, w: tau_at(k, w).abs_(), [[lo_r, hi_r]] * num
+    )
     lo, hi = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()
 
     # Pass 2: drop threshold and maximum of beta per task.
     stats = kth_smallest_rows(
         keys_,
         numels,
-        lambda k, i: balance(tau_at(k, i), lo, hi, inter)[0],
+        lambda k, w: balance(tau_at(k, w), lo, hi, inter)[0],
         [[drop_rank(total, ratio), total - 1]] * num,
     )
     thr, beta_max = stats[:, 0].contiguous(), stats[:, 1].contiguous()
@@ -162,9 +171,10 @@ def pcb_merging(
     # Pass 3: weights and the weighted mean.
     merged: dict[str, Tensor] = {}
     for key in keys_:
-        tau = deltas(pretrained, finetuned, key)
-        beta, tau_c = balance(tau, lo, hi, inter)
-        tau_m = rescale_merge(tau_c, drop_weights(beta, thr, beta_max), lam)
+        tau_m = torch.empty(pretrained[key].numel())
+        for where in chunks(tau_m.numel()):
+            beta, tau_c = balance(tau_at(key, where), lo, hi, inter)
+            tau_m[where] = rescale_merge(tau_c, drop_weights(beta, thr, beta_max), lam)
         base = pretrained[key]
-        merged[key] = (base.float() + tau_m).to(base.dtype)
+        merged[key] = tau_m.reshape(base.shape).add_(base.float()).to(base.dtype)
     return assemble(merged, p, pretrained)

@@ -27,8 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from course_lib.merging._base import deltas, prepare, register
-from course_lib.merging._select import kth_largest_count, kth_smallest_rows
+from course_lib.merging._base import delta_rows, deltas, prepare, register
+from course_lib.merging import _select
+from course_lib.merging._select import chunks, kth_largest_count, kth_smallest_rows
 from course_lib.state import StateDict, assemble, check_fraction
 
 Aggregate = Literal["mean", "sum", "max"]
@@ -89,14 +90,10 @@ def global_thresholds(
     total = sum(numels)
     rank = total - kth_largest_count(total, density)  # 0-based ascending rank of v_t
 
-    def magnitudes(key: str, idx: Tensor | None) -> Tensor:
-        base = pretrained[key].reshape(-1)
-        if idx is None:
-            return torch.stack(
-                [(ft[key].reshape(-1).float() - base.float()).abs_() for ft in finetuned]
-            )
-        b = base[idx].float()
-        return torch.stack([(ft[key].reshape(-1)[idx].float() - b).abs_() for ft in finetuned])
+    buf = torch.empty(len(finetuned), _select.CHUNK)
+
+    def magnitudes(key: str, where: Tensor | slice) -> Tensor:
+        return delta_rows(pretrained, finetuned, key, where, buf).abs_()
 
     return kth_smallest_rows(keys, numels, magnitudes, [[rank]] * len(finetuned))[:, 0]
 
@@ -126,32 +123,66 @@ def ties_merging(
     thresholds = (
         global_thresholds(pretrained, finetuned, p.merged, density) if scope == "global" else None
     )
-    merged: dict[str, Tensor] = {}
-    # Global scope: where the trimmed sum is exactly 0 the elected sign is the sign of the sum of
-    # *all* elected signs in the model, known only at the end. Those positions are rare; we keep
-    # their trimmed columns aside and resolve them after the pass.
-    sign_total = 0.0
-    pending: list[tuple[str, Tensor, Tensor]] = []
-    for key in p.merged:
-        tau = deltas(pretrained, finetuned, key)
-        trimmed = trim(tau, density, thresholds)
-        if scope == "tensor":
-            tau_m = disjoint_merge(trimmed, elect(trimmed), aggregate)
-        else:
-            gamma = trimmed.sum(dim=0).sign()
-            sign_total += float(gamma.sum())
-            tau_m = disjoint_merge(trimmed, gamma, aggregate)
-            open_ = (gamma == 0) & (trimmed != 0).any(dim=0)
-            if open_.any():
-                idx = open_.reshape(-1).nonzero().squeeze(1)
-                pending.append((key, idx, trimmed.reshape(len(finetuned), -1)[:, idx]))
-        merged[key] = tau_m
-    if pending:
-        majority = torch.tensor(float(torch.tensor(sign_total).sign()))
-        for key, idx, cols in pending:
-            fixed = disjoint_merge(cols, majority.expand(cols.shape[1]), aggregate)
-            merged[key].reshape(-1)[idx] = fixed
+    merged = (
+        _merge_tensorwise(pretrained, finetuned, p.merged, density, aggregate)
+        if scope == "tensor"
+        else _merge_global(pretrained, finetuned, p.merged, density, thresholds, aggregate)
+    )
     for key in p.merged:
         base = pretrained[key]
-        merged[key] = (base.float() + scaling * merged[key]).to(base.dtype)
+        merged[key] = merged[key].mul_(scaling).add_(base.float()).to(base.dtype)  # in place
     return assemble(merged, p, pretrained)
+
+
+def _merge_tensorwise(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    keys: Sequence[str],
+    density: float,
+    aggregate: Aggregate,
+) -> dict[str, Tensor]:
+    """tau_m per tensor, each tensor trimmed and sign-resolved on its own (mergekit-style)."""
+    merged = {}
+    for key in keys:
+        trimmed = trim(deltas(pretrained, finetuned, key), density)
+        merged[key] = disjoint_merge(trimmed, elect(trimmed), aggregate)
+    return merged
+
+
+def _merge_global(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    keys: Sequence[str],
+    density: float,
+    thresholds: Tensor,
+    aggregate: Aggregate,
+) -> dict[str, Tensor]:
+    """tau_m with model-wide thresholds, streamed in cache-sized chunks.
+
+    Where the trimmed sum is exactly 0 the elected sign is the sign of the sum of *all* elected
+    signs of the model, known only at the end. Those positions are rare; their trimmed columns
+    are kept aside and resolved after the pass.
+    """
+    num = len(finetuned)
+    buf = torch.empty(num, _select.CHUNK)
+    sign_total = 0.0
+    pending: list[tuple[str, Tensor, Tensor]] = []
+    merged = {}
+    for key in keys:
+        out = torch.empty(pretrained[key].numel())
+        for where in chunks(out.numel()):
+            trimmed = trim(delta_rows(pretrained, finetuned, key, where, buf), density, thresholds)
+            gamma = trimmed.sum(dim=0).sign()
+            sign_total += float(gamma.sum())
+            out[where] = disjoint_merge(trimmed, gamma, aggregate)
+            open_ = (gamma == 0) & (trimmed != 0).any(dim=0)
+            if open_.any():
+                idx = open_.nonzero().squeeze(1)
+                pending.append((key, idx + where.start, trimmed[:, idx]))
+        merged[key] = out.reshape(pretrained[key].shape)
+    majority = torch.tensor(sign_total).sign()
+    for key, idx, cols in pending:
+        merged[key].reshape(-1)[idx] = disjoint_merge(
+            cols, majority.expand(cols.shape[1]), aggregate
+        )
+    return merged
