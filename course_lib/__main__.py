@@ -1,4 +1,9 @@
-"""Command line: ``python -m course_lib course`` runs the course's main job."""
+"""Command line.
+
+* ``python -m course_lib zoo``    - build (or verify and repair) the model zoo of the profile;
+* ``python -m course_lib course`` - the course's main job: the zoo, then every method on it,
+  printed as absolute and normalized accuracy tables and written to ``results/``.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,87 @@ import argparse
 import sys
 import time
 
-from course_lib.config import RESULTS_DIR, describe
+from course_lib.config import RESULTS_DIR, describe, profile, seed_everything
 
 
-def cmd_course(args: argparse.Namespace) -> int:
-    from course_lib import demo
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from course_lib.models import zoo
 
     print(f"Model Merging from Scratch - {describe()}")
     start = time.perf_counter()
-    table = demo.run(seed=args.seed)
-    text = demo.format_table(table)
-    print("\nAccuracy (%) on the test split of each task:\n")
-    print(text)
+    if profile() == "mini":
+        root = zoo.build_zoo()
+        bad = zoo.verify_zoo(root)
+        print(f"mini zoo ready in {root} ({time.perf_counter() - start:.0f} s); corrupted: {bad}")
+    else:
+        zoo.load_zoo("full")
+        print(f"full zoo loaded in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def results_markdown(res, neg) -> str:
+    """The README/results tables: absolute and normalized accuracy, choices, negation."""
+    from course_lib.eval import markdown, results_table
+
+    tasks = list(res.experts)
+    absolute = results_table(res.absolute, tasks)
+    norm = results_table(
+        {k: v for k, v in res.absolute.items() if k != "zero-shot"}, tasks, normalize_by=res.experts
+    )
+    chosen = ", ".join(f"{k} λ={v:g}" for k, v in res.chosen.items())
+    tw = res.twin
+    others = [t for t in tasks if t != neg.task]
+    worst = max(neg.zeroshot[t] - neg.negated[t] for t in others)
+    return "\n".join(
+        [
+            "### Absolute accuracy (%), test split",
+            "",
+            markdown(absolute),
+            "",
+            "### Normalized accuracy (% of each task's expert)",
+            "",
+            markdown(norm),
+            "",
+            f"λ chosen on the validation split: {chosen}. Twin-Merging: shared expert = task "
+            f"arithmetic λ=0.3, twin vectors SVD-compressed to rank ratio {tw.rank_ratio:g} "
+            f"(stored/dense parameters {tw.compression:.3f}), router accuracy "
+            f"{tw.router_accuracy:.1f}% on the test inputs, weights merged per input.",
+            "",
+            f"Negation: θ0 − {neg.scaling:g}·τ_{neg.task} takes {neg.task} from "
+            f"{neg.zeroshot[neg.task]:.1f}% to {neg.negated[neg.task]:.1f}%; the other tasks "
+            f"move by at most {worst:+.1f} points (largest drop).",
+        ]
+    )
+
+
+def cmd_course(args: argparse.Namespace) -> int:
+    from course_lib import experiments
+    from course_lib.models.zoo import load_zoo
+
+    print(f"Model Merging from Scratch - {describe()}")
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    zoo = load_zoo()
+    print(f"zoo ready ({time.perf_counter() - start:.0f} s); merging ...")
+    res = experiments.run_all(zoo)
+    neg = experiments.negation(zoo, args.negate or zoo.task_names[-1])
+    text = results_markdown(res, neg)
+    print("\n" + text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "demo.md").write_text(text + "\n")
-    print(f"\nwritten to {RESULTS_DIR / 'demo.md'} in {time.perf_counter() - start:.0f} s")
+    out = RESULTS_DIR / f"{zoo.profile}_results.md"
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("course", help="merge real small models and print the results table")
+    p = sub.add_parser("zoo", help="build or repair the model zoo of the active profile")
+    p.set_defaults(func=cmd_zoo)
+    p = sub.add_parser("course", help="the zoo, every merging method, the results tables")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negate", default=None, help="task to forget in the negation experiment")
     p.set_defaults(func=cmd_course)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -71,5 +71,7 @@ class VisionTask:
 
     def _split(self, split: str):
         if split not in self.splits:
-            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}")
+            raise ValueError(
+                f"task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}"
+            )
         return self.splits[split]

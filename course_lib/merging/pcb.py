@@ -38,8 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from course_lib.merging._base import delta_rows, prepare, register
 from course_lib.merging import _select
+from course_lib.merging._base import delta_rows, prepare, register
 from course_lib.merging._select import chunks, kth_smallest_rows
 from course_lib.state import StateDict, assemble, check_fraction, check_scaling
 

@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from course_lib.merging._base import delta_rows, deltas, prepare, register
 from course_lib.merging import _select
+from course_lib.merging._base import delta_rows, deltas, prepare, register
 from course_lib.merging._select import chunks, kth_largest_count, kth_smallest_rows
 from course_lib.state import StateDict, assemble, check_fraction
 

@@ -1,0 +1,265 @@
+"""The course's vision experiments: every method on the zoo, with hyper-parameters from val.
+
+One function per row of the results table, so that notebooks, ``make course`` and the tests
+all compute the same numbers the same way:
+
+* :func:`expert_accuracies` - each expert on its own task (the "individual" upper bound);
+* :func:`tune_scaling` - pick lambda on the validation split (mean accuracy over tasks);
+* :func:`twin_merging` - shared expert + compressed twin vectors + a router trained on
+  validation inputs, merged *per input* (:func:`per_input_logits`);
+* :func:`negation` - forgetting one task by subtracting its task vector;
+* :func:`run_all` - the whole table.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from course_lib import config
+from course_lib.merging import (
+    Router,
+    compress,
+    pcb_merging,
+    shared_expert,
+    task_arithmetic,
+    ties_merging,
+    train_router,
+    twin_vectors,
+    weight_average,
+)
+from course_lib.models import hub
+from course_lib.models.zoo import Zoo
+from course_lib.state import TaskVector, task_vector
+
+StateDict = dict[str, Tensor]
+LAMBDAS_TA = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+LAMBDAS_TIES = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+VAL_LIMIT = 500  # validation examples per task used for every hyper-parameter choice
+
+
+def expert_accuracies(zoo: Zoo, split: str = "test") -> dict[str, float]:
+    """Accuracy of each expert on its own task."""
+    return {t: zoo.evaluate(zoo.experts[t], split, [t])[t] for t in zoo.task_names}
+
+
+def mean(accs: Mapping[str, float]) -> float:
+    return sum(accs.values()) / len(accs)
+
+
+@dataclass
+class Tuned:
+    """A merged state with the lambda chosen on val and the whole val curve."""
+
+    state: StateDict
+    scaling: float
+    val_curve: dict[float, float] = field(default_factory=dict)
+
+
+def tune_scaling(
+    zoo: Zoo,
+    merge: Callable[[float], StateDict],
+    lambdas: Sequence[float],
+    *,
+    desc: str = "lambda",
+    progress: bool = True,
+) -> Tuned:
+    """Evaluate ``merge(lambda)`` on val for each lambda; keep the best mean accuracy."""
+    curve, best = {}, None
+    for lam in tqdm(lambdas, desc=desc, disable=not progress, leave=False):
+        state = merge(lam)
+        curve[lam] = mean(zoo.evaluate(state, "val", limit=VAL_LIMIT))
+        if best is None or curve[lam] > curve[best.scaling]:
+            best = Tuned(state, lam)
+    best.val_curve = curve
+    return best
+
+
+# ----------------------------------------------------------------------------- Twin-Merging
+
+
+@torch.no_grad()
+def features(zoo: Zoo, state: Mapping[str, Tensor], task: str, split: str, limit=None) -> Tensor:
+    """Normalized image embeddings of one split under ``state``: the router's input."""
+    enc = zoo.encoder(state).to(config.device())
+    out = []
+    for x, _ in zoo.tasks[task].batches(split, 512, limit=limit):
+        out.append(F.normalize(enc(pixel_values=x.to(config.device())).image_embeds, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def stacked_vectors(shared: Mapping[str, Tensor], vectors) -> dict[str, Tensor]:
+    """Dense twin vectors stacked per key: ``{key: [T, *shape]}`` (keys of the vectors only)."""
+    return {k: torch.stack([v[k].float() for v in vectors]) for k in vectors[0].keys()}  # noqa: SIM118
+
+
+def vmappable_encoder(zoo: Zoo) -> torch.nn.Module:
+    """An image encoder with plain ("eager") attention, which ``torch.func.vmap`` can batch."""
+    cfg = copy.deepcopy(zoo.encoder_config)
+    cfg._attn_implementation = "eager"
+    return hub.build_image_encoder(cfg, zoo.pretrained)
+
+
+def per_input_logits(
+    enc: torch.nn.Module,
+    shared: Mapping[str, Tensor],
+    stacked: Mapping[str, Tensor],
+    weights: Tensor,
+    pixels: Tensor,
+    head: Tensor,
+    logit_scale: float,
+) -> Tensor:
+    """Logits where input b runs through its *own* model theta* + sum_t w[b, t] v_t.
+
+    ``torch.func.vmap`` over ``functional_call`` evaluates a batch of B differently-merged
+    encoders at once (B copies of the weights: fine for the mini encoder; use group-wise
+    merging for ViT-B/32). ``enc`` comes from :func:`vmappable_encoder`.
+    """
+    base = {k: v.float() for k, v in shared.items()}
+
+    def one(w: Tensor, x: Tensor) -> Tensor:
+        params = dict(base)
+        for k, v in stacked.items():
+            params[k] = base[k] + torch.tensordot(w, v, dims=1)
+        emb = functional_call(enc, params, (), {"pixel_values": x[None]}).image_embeds[0]
+        return F.normalize(emb, dim=-1)
+
+    emb = vmap(one)(weights, pixels)
+    return logit_scale * emb @ head.T
+
+
+@dataclass
+class TwinResult:
+    accuracy: dict[str, float]
+    router_accuracy: float  # on the test inputs: does the router pick the right task?
+    compression: float  # stored / dense parameters of the twin vectors
+    rank_ratio: float
+    confusion: Tensor  # [T, T] counts: true task x argmax router task
+
+
+def twin_merging(
+    zoo: Zoo,
+    *,
+    rank_ratio: float = 0.1,
+    shared_scaling: float = 0.3,
+    split: str = "test",
+    router_epochs: int = 60,
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TwinResult:
+    """Twin-Merging (Lu et al., 2024): shared expert, SVD twin vectors, per-input router weights."""
+    names = zoo.task_names
+    shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
+    compressed = compress(twin_vectors(shared, zoo.finetuned()), rank_ratio=rank_ratio)
+    stacked = stacked_vectors(shared, compressed)
+    # Router on theta_0's embeddings of *validation* inputs, labelled with their task.
+    feats = [features(zoo, zoo.pretrained, t, "val") for t in names]
+    x = torch.cat(feats)
+    y = torch.cat([torch.full((len(f),), i) for i, f in enumerate(feats)])
+    router = Router(x.shape[1], len(names))
+    train_router(router, x, y, epochs=router_epochs, seed=config.DEFAULT_SEED, progress=progress)
+    enc = vmappable_encoder(zoo)
+    accs, confusion, hits, total = {}, torch.zeros(len(names), len(names)), 0, 0
+    for i, t in enumerate(tqdm(names, desc="twin per-input", disable=not progress, leave=False)):
+        w_all = router.weights(features(zoo, zoo.pretrained, t, split, limit))
+        correct, start = 0, 0
+        for px, lab in zoo.tasks[t].batches(split, batch_size, limit=limit):
+            w = w_all[start : start + len(lab)]
+            start += len(lab)
+            with torch.no_grad():
+                logits = per_input_logits(
+                    enc, shared, stacked, w, px, zoo.heads[t], zoo.logit_scale
+                )
+            correct += int((logits.argmax(-1) == lab).sum())
+        accs[t] = 100.0 * correct / start
+        picked = w_all.argmax(-1)
+        confusion[i] += torch.bincount(picked, minlength=len(names)).float()
+        hits, total = hits + int((picked == i).sum()), total + len(picked)
+    return TwinResult(
+        accs,
+        100.0 * hits / total,
+        sum(c.stored_params for c in compressed) / sum(c.dense_params for c in compressed),
+        rank_ratio,
+        confusion,
+    )
+
+
+# ----------------------------------------------------------------------------- negation
+
+
+@dataclass
+class NegationResult:
+    task: str
+    scaling: float
+    zeroshot: dict[str, float]
+    negated: dict[str, float]
+
+
+def negation(
+    zoo: Zoo, task: str, lambdas: Sequence[float] = (0.5, 1.0, 1.5, 2.0), tolerance: float = 5.0
+) -> NegationResult:
+    """theta_0 - lambda tau_task: the largest lambda whose *other* tasks stay within
+    ``tolerance`` points of zero-shot on val (the paper's control-task rule, Sec. 3)."""
+    tau: TaskVector = task_vector(zoo.pretrained, zoo.experts[task])
+    others = [t for t in zoo.task_names if t != task]
+    zs_val = zoo.evaluate(zoo.pretrained, "val", others, limit=VAL_LIMIT)
+    chosen = lambdas[0]
+    for lam in lambdas:
+        accs = zoo.evaluate((-tau).apply_to(zoo.pretrained, lam), "val", others, limit=VAL_LIMIT)
+        if all(zs_val[t] - accs[t] <= tolerance for t in others):
+            chosen = lam
+    state = (-tau).apply_to(zoo.pretrained, chosen)
+    return NegationResult(task, chosen, zoo.evaluate(zoo.pretrained), zoo.evaluate(state))
+
+
+# ----------------------------------------------------------------------------- the whole table
+
+
+@dataclass
+class Results:
+    """Absolute test accuracies per method, plus what was chosen on val."""
+
+    absolute: dict[str, dict[str, float]]
+    experts: dict[str, float]
+    chosen: dict[str, float]
+    twin: TwinResult | None = None
+
+
+def run_all(zoo: Zoo, *, progress: bool = True, twin_rank_ratio: float = 0.1) -> Results:
+    """Zero-shot, experts, averaging, TA, TIES, PCB (lambda from val) and Twin-Merging."""
+    pre, fts = zoo.pretrained, zoo.finetuned()
+    experts = expert_accuracies(zoo)
+    rows: dict[str, dict[str, float]] = {"zero-shot": zoo.evaluate(pre), "experts": experts}
+    rows["weight averaging"] = zoo.evaluate(weight_average(fts))
+    tuned = {
+        "task arithmetic": tune_scaling(
+            zoo, lambda s: task_arithmetic(pre, fts, s), LAMBDAS_TA, desc="TA", progress=progress
+        ),
+        "TIES-Merging": tune_scaling(
+            zoo,
+            lambda s: ties_merging(pre, fts, 0.2, s),
+            LAMBDAS_TIES,
+            desc="TIES",
+            progress=progress,
+        ),
+        "PCB-Merging": tune_scaling(
+            zoo,
+            lambda s: pcb_merging(pre, fts, 0.1, s),
+            LAMBDAS_TIES,
+            desc="PCB",
+            progress=progress,
+        ),
+    }
+    for name, t in tuned.items():
+        rows[name] = zoo.evaluate(t.state)
+    twin = twin_merging(zoo, rank_ratio=twin_rank_ratio, progress=progress)
+    rows["Twin-Merging"] = twin.accuracy
+    return Results(rows, experts, {n: t.scaling for n, t in tuned.items()}, twin)

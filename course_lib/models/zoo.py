@@ -1,0 +1,408 @@
+"""The model zoo: theta_0, one expert per task, the zero-shot heads and the task data.
+
+``load_zoo()`` is what every notebook calls first. In the ``mini`` profile the zoo is built
+once on the CPU (pretrain the mini-CLIP, compute the heads, fine-tune eight experts) into
+``data/cache/mini/`` and afterwards loaded in seconds. In the ``full`` profile the same object
+is filled from the Hugging Face hub (``openai/clip-vit-base-patch32`` and the published
+experts); only the heads are cached.
+
+The cache is safe to interrupt and to share:
+
+* every file is written to a temporary name and renamed into place (atomic on POSIX);
+* ``manifest.json`` records the hash of the build configuration and the sha256 of every file,
+  and is rewritten (atomically) after each finished step, so an interrupted build resumes at the
+  first missing step;
+* a different configuration (other sizes, seeds, recipe, or a new ``FORMAT``) rebuilds from
+  scratch; a file whose sha256 no longer matches is rebuilt, together with what depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import CLIPModel, CLIPVisionConfig
+
+from course_lib import config
+from course_lib.data.base import VisionTask
+from course_lib.eval import accuracy
+from course_lib.models import hub
+from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
+from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
+
+FORMAT = 1  # bump when the layout of the cache changes
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Everything that determines the mini zoo's bits; its hash names the build."""
+
+    clip: MiniClipConfig = MiniClipConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    sizes: tuple[tuple[str, int], ...] = (("train", 2000), ("val", 500), ("test", 1000))
+    tasks: tuple[str, ...] | None = None  # None: all of course_lib.data.vision.TASKS
+    data_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "clip": self.clip.to_dict(),
+            "finetune": self.finetune.to_dict(),
+            "sizes": dict(self.sizes),
+            "tasks": list(self.task_names()),
+            "data_seed": self.data_seed,
+        }
+
+    def task_names(self) -> tuple[str, ...]:
+        from course_lib.data.vision import TASKS
+
+        return TASKS if self.tasks is None else tuple(self.tasks)
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Zoo:
+    """theta_0, the experts and heads of every task, and the tasks themselves."""
+
+    profile: str
+    tasks: dict[str, VisionTask]
+    pretrained: dict[str, Tensor]
+    experts: dict[str, dict[str, Tensor]]
+    heads: dict[str, Tensor]
+    encoder_config: CLIPVisionConfig
+    logit_scale: float = 100.0
+    info: dict = field(default_factory=dict)
+    _encoder: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def finetuned(self) -> list[dict[str, Tensor]]:
+        """The experts' state dicts in task order: the ``finetuned`` argument of every merge."""
+        return [self.experts[t] for t in self.tasks]
+
+    def encoder(self, state: Mapping[str, Tensor] | None = None) -> torch.nn.Module:
+        """A fresh image encoder loaded with ``state`` (theta_0 by default)."""
+        return hub.build_image_encoder(self.encoder_config, state or self.pretrained)
+
+    def classifier(self, task: str, state: Mapping[str, Tensor] | None = None):
+        """Image encoder with ``state`` + the frozen zero-shot head of ``task``."""
+        return ZeroShotClassifier(self.encoder(state), self.heads[task], self.logit_scale)
+
+    def evaluate(
+        self,
+        state: Mapping[str, Tensor] | None = None,
+        split: str = "test",
+        tasks: list[str] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> dict[str, float]:
+        """Accuracy (%) of one image-encoder state on each task, with that task's head."""
+        if self._encoder is None:
+            self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
+        enc = self._encoder
+        enc.load_state_dict(dict(state or self.pretrained), strict=True)
+        enc.to(config.device())
+        out = {}
+        for t in tasks or self.task_names:
+            clf = ZeroShotClassifier(enc, self.heads[t], self.logit_scale)
+            out[t] = accuracy(clf, self.tasks[t], split, device=config.device(), limit=limit)
+        return out
+
+
+# ----------------------------------------------------------------------------- cache plumbing
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file, or of every file below a directory (sorted by relative path)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+    try:
+        yield tmp
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+class Manifest:
+    """``manifest.json``: config hash + {file: sha256}, rewritten atomically after each step."""
+
+    def __init__(self, root: Path, digest: str, cfg: dict):
+        self.root, self.path = root, root / "manifest.json"
+        self.data = {"config_hash": digest, "config": cfg, "files": {}, "info": {}}
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            if old.get("config_hash") == digest:
+                self.data = old
+            else:  # another configuration: start over
+                shutil.rmtree(root)
+
+    def valid(self, name: str) -> bool:
+        """The file exists and still has the recorded sha256 (a corrupted file is not valid)."""
+        p = self.root / name
+        return name in self.data["files"] and p.exists() and sha256(p) == self.data["files"][name]
+
+    def record(self, name: str, **info) -> None:
+        self.data["files"][name] = sha256(self.root / name)
+        if info:
+            self.data["info"][name] = info
+        self.save()
+
+    def forget(self, *names: str) -> None:
+        for n in names:
+            self.data["files"].pop(n, None)
+            self.data["info"].pop(n, None)
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+# ----------------------------------------------------------------------------- the mini build
+
+
+def cache_dir(profile: str) -> Path:
+    return config.CACHE_DIR / profile
+
+
+def build_zoo(
+    cfg: ZooConfig | None = None,
+    root: Path | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build (or resume, or repair) the mini zoo in ``root``; returns ``root``."""
+    from course_lib.data import vision as data_vision
+    from course_lib.models import vision as mv
+
+    cfg = cfg or ZooConfig()
+    root = Path(root) if root is not None else cache_dir("mini")
+    root.mkdir(parents=True, exist_ok=True)
+    man = Manifest(root, cfg.digest(), cfg.to_dict())
+    root.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    # 1. Task data, cached so that loading the zoo does not regenerate it.
+    for name in cfg.task_names():
+        fname = f"data_{name}"
+        if not man.valid(fname):
+            t0 = time.perf_counter()
+            task = data_vision.load_task(name, "mini", seed=cfg.data_seed, sizes=dict(cfg.sizes))
+            with atomic_path(root / fname) as tmp:
+                _save_task(task, tmp)
+            man.record(fname, seconds=round(time.perf_counter() - t0, 2))
+
+    # 2. theta_0: the contrastively pretrained mini-CLIP (both towers) and its tokenizer.
+    if not (man.valid("clip.safetensors") and man.valid("tokenizer.json")):
+        man.forget(*[n for n in list(man.data["files"]) if not n.startswith("data_")])
+        t0 = time.perf_counter()
+        images, captions = data_vision.caption_corpus(cfg.clip.corpus_size, seed=cfg.clip.seed)
+        tokenizer = mv.build_tokenizer(data_vision.corpus_vocabulary())
+        clip, losses = mv.pretrain_clip(cfg.clip, images, captions, tokenizer, progress=progress)
+        with atomic_path(root / "tokenizer.json") as tmp:
+            tokenizer.backend_tokenizer.save(str(tmp))
+        _save_tensors(root / "clip.safetensors", clip.state_dict())
+        (root / "clip_config.json").write_text(clip.config.to_json_string())
+        man.record("tokenizer.json")
+        man.record(
+            "clip.safetensors",
+            seconds=round(time.perf_counter() - t0, 1),
+            first_loss=losses[0],
+            last_loss=sum(losses[-20:]) / len(losses[-20:]),
+        )
+        log(f"pretrained mini-CLIP in {time.perf_counter() - t0:.0f} s")
+    clip, tokenizer = _load_mini_clip(root)
+    theta0 = hub.image_encoder_state(clip)
+    enc_cfg = hub.encoder_config(clip)
+    tasks = {n: _load_task(root, n) for n in cfg.task_names()}
+
+    # 3. Zero-shot heads.
+    if not man.valid("heads.safetensors"):
+        heads = {
+            n: zeroshot_head(
+                clip, tokenizer, t.classnames, t.templates, max_len=cfg.clip.max_text_len
+            )
+            for n, t in tasks.items()
+        }
+        _save_tensors(root / "heads.safetensors", heads)
+        man.record("heads.safetensors")
+    heads = load_file(str(root / "heads.safetensors"))
+    scale = float(clip.logit_scale.exp().clamp(max=100.0))
+
+    # 4. One expert per task.
+    for name, task in tasks.items():
+        fname = f"expert_{name}.safetensors"
+        if man.valid(fname):
+            continue
+        t0 = time.perf_counter()
+        model = ZeroShotClassifier(hub.build_image_encoder(enc_cfg, theta0), heads[name], scale)
+        state, hist = finetune(model, task, cfg.finetune, progress=progress)
+        _save_tensors(root / fname, state)
+        man.record(fname, seconds=round(time.perf_counter() - t0, 1), **_summary(hist))
+        log(f"expert {name}: val {max(hist.val_accuracy):.1f}% in {time.perf_counter() - t0:.0f} s")
+    man.data["info"]["build_seconds_last_run"] = round(time.perf_counter() - t_all, 1)
+    man.data["info"]["logit_scale"] = scale
+    man.save()
+    return root
+
+
+def _summary(hist: FinetuneHistory) -> dict:
+    return {"val_accuracy": hist.val_accuracy, "best_epoch": hist.best_epoch}
+
+
+def _save_task(task: VisionTask, path: Path) -> None:
+    path.mkdir(parents=True)
+    meta = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
+    (path / "task.json").write_text(json.dumps(meta, indent=1))
+    for split, ds in task.splits.items():
+        ds.save_to_disk(str(path / split))
+
+
+def _load_task(root: Path, name: str) -> VisionTask:
+    from datasets import load_from_disk
+
+    from course_lib.data.vision import MiniVisionTask
+
+    path = root / f"data_{name}"
+    meta = json.loads((path / "task.json").read_text())
+    splits = {s.name: load_from_disk(str(s)) for s in sorted(path.iterdir()) if s.is_dir()}
+    return MiniVisionTask(meta["name"], meta["classnames"], meta["templates"], splits)
+
+
+def _load_mini_clip(root: Path):
+    from transformers import CLIPConfig, PreTrainedTokenizerFast
+
+    from course_lib.models.vision import SPECIAL_TOKENS
+
+    clip_cfg = CLIPConfig.from_json_file(str(root / "clip_config.json"))
+    clip = CLIPModel(clip_cfg)
+    clip.load_state_dict(load_file(str(root / "clip.safetensors")), strict=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "tokenizer.json"),
+        pad_token=SPECIAL_TOKENS[0],
+        unk_token=SPECIAL_TOKENS[1],
+        bos_token=SPECIAL_TOKENS[2],
+        eos_token=SPECIAL_TOKENS[3],
+    )
+    return clip.eval(), tok
+
+
+def load_zoo(
+    profile: str | None = None,
+    *,
+    cfg: ZooConfig | None = None,
+    root: Path | None = None,
+    build: bool = True,
+    progress: bool = True,
+) -> Zoo:
+    """The zoo of ``profile`` (default: the active one), building the mini zoo if needed."""
+    profile = profile or config.profile()
+    if profile == "full":
+        return load_full_zoo(root=root, progress=progress)
+    cfg = cfg or ZooConfig()
+    root = Path(root) if root is not None else cache_dir("mini")
+    man = Manifest.__new__(Manifest)
+    man.root, man.path = root, root / "manifest.json"
+    complete = False
+    if man.path.exists():
+        man.data = json.loads(man.path.read_text())
+        names = [f"data_{n}" for n in cfg.task_names()]
+        names += ["clip.safetensors", "tokenizer.json", "heads.safetensors"]
+        names += [f"expert_{n}.safetensors" for n in cfg.task_names()]
+        complete = man.data.get("config_hash") == cfg.digest() and all(
+            n in man.data["files"] and (root / n).exists() for n in names
+        )
+    if not complete:
+        if not build:
+            raise FileNotFoundError(f"no complete mini zoo in {root}; run `make zoo`")
+        build_zoo(cfg, root, progress=progress)
+        man.data = json.loads(man.path.read_text())
+    clip, _ = _load_mini_clip(root)
+    tasks = {n: _load_task(root, n) for n in cfg.task_names()}
+    return Zoo(
+        profile="mini",
+        tasks=tasks,
+        pretrained=hub.image_encoder_state(clip),
+        experts={n: load_file(str(root / f"expert_{n}.safetensors")) for n in tasks},
+        heads=load_file(str(root / "heads.safetensors")),
+        encoder_config=hub.encoder_config(clip),
+        logit_scale=man.data["info"]["logit_scale"],
+        info=man.data["info"],
+    )
+
+
+def verify_zoo(root: Path | None = None) -> list[str]:
+    """Names of cached files whose sha256 no longer matches the manifest (empty: all good)."""
+    root = Path(root) if root is not None else cache_dir("mini")
+    data = json.loads((root / "manifest.json").read_text())
+    return [n for n, h in data["files"].items() if not (root / n).exists() or sha256(root / n) != h]
+
+
+# ----------------------------------------------------------------------------- the full profile
+
+
+def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
+    """CLIP ViT-B/32 and the eight published experts from the hub (GPU recommended)."""
+    from course_lib.data import vision_hub
+
+    root = Path(root) if root is not None else cache_dir("full")
+    clip, tokenizer = hub.load_clip()
+    theta0 = hub.image_encoder_state(clip)
+    tasks = {n: vision_hub.load_hub_task(n) for n in vision_hub.FULL_TASKS}
+    heads_file = root / "heads.safetensors"
+    if heads_file.exists():
+        heads = load_file(str(heads_file))
+    else:
+        dev = config.device()
+        heads = {
+            n: zeroshot_head(clip, tokenizer, t.classnames, t.templates, device=dev)
+            for n, t in tasks.items()
+        }
+        _save_tensors(heads_file, heads)
+    experts = {n: hub.load_expert(n, theta0) for n in tasks}
+    return Zoo(
+        profile="full",
+        tasks=tasks,
+        pretrained=theta0,
+        experts=experts,
+        heads=heads,
+        encoder_config=hub.encoder_config(clip),
+        logit_scale=float(clip.logit_scale.exp()),
+    )

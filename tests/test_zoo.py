@@ -1,0 +1,122 @@
+"""The zoo cache: build, load, resume after an interruption, rebuild on change or corruption.
+
+These use a deliberately tiny configuration (a 1-layer CLIP, a few dozen images per task) so
+that the whole build takes seconds; ``test_mini_world.py`` builds the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from course_lib.models import zoo as zoo_mod
+from course_lib.models.vision import MiniClipConfig
+from course_lib.models.zoo import ZooConfig, atomic_path, build_zoo, load_zoo, verify_zoo
+from course_lib.train import FinetuneConfig
+
+TINY = ZooConfig(
+    clip=MiniClipConfig(
+        corpus_size=256, epochs=1, batch_size=128, width=32, text_width=32, layers=1,
+        text_layers=1, heads=2, embed_dim=16, patch_size=8,
+    ),
+    finetune=FinetuneConfig(epochs=1, batch_size=32, warmup_steps=1),
+    sizes=(("train", 32), ("val", 16), ("test", 16)),
+    tasks=("digits", "shapes", "colors"),
+)  # fmt: skip
+
+
+class Counter:
+    """Wraps a function and counts its calls (optionally failing on the n-th call)."""
+
+    def __init__(self, fn, fail_on: int | None = None):
+        self.fn, self.calls, self.fail_on = fn, 0, fail_on
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    build_zoo(TINY, root, progress=False, log=lambda s: None)
+    return root
+
+
+def test_load_gives_theta0_experts_heads_and_tasks(built):
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    assert z.task_names == list(TINY.tasks)
+    assert set(z.experts) == set(TINY.tasks)
+    for name in z.task_names:
+        expert = z.experts[name]
+        assert expert.keys() == z.pretrained.keys()
+        assert any(not torch.equal(expert[k], z.pretrained[k]) for k in expert)  # it trained
+        head = z.heads[name]
+        assert head.shape == (z.tasks[name].num_classes, TINY.clip.embed_dim)
+        torch.testing.assert_close(head.norm(dim=1), torch.ones(len(head)))
+    accs = z.evaluate(z.pretrained, "test")
+    assert set(accs) == set(TINY.tasks) and all(0 <= a <= 100 for a in accs.values())
+    assert verify_zoo(built) == []
+
+
+def test_loading_a_built_zoo_trains_nothing(built, monkeypatch):
+    monkeypatch.setattr(zoo_mod, "finetune", Counter(zoo_mod.finetune, fail_on=1))
+    load_zoo("mini", cfg=TINY, root=built, progress=False)
+
+
+def test_missing_zoo_without_build_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make zoo"):
+        load_zoo("mini", cfg=TINY, root=tmp_path / "none", build=False)
+
+
+def test_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
+    root = tmp_path / "zoo"
+    monkeypatch.setattr(zoo_mod, "finetune", Counter(zoo_mod.finetune, fail_on=2))
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo(TINY, root, progress=False, log=lambda s: None)
+    assert not list(root.glob("expert_shapes*")), "a half-written expert must not appear"
+    counter = Counter(zoo_mod.finetune)
+    monkeypatch.setattr(zoo_mod, "finetune", counter)
+    build_zoo(TINY, root, progress=False, log=lambda s: None)
+    assert counter.calls == 2  # shapes and colors; digits was kept
+    assert verify_zoo(root) == []
+
+
+def test_corrupted_file_is_detected_and_rebuilt(built, monkeypatch):
+    path = built / "expert_colors.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert verify_zoo(built) == ["expert_colors.safetensors"]
+    counter = Counter(zoo_mod.finetune)
+    monkeypatch.setattr(zoo_mod, "finetune", counter)
+    build_zoo(TINY, built, progress=False, log=lambda s: None)
+    assert counter.calls == 1
+    assert verify_zoo(built) == []
+
+
+def test_changed_config_rebuilds_everything(tmp_path, monkeypatch):
+    root = tmp_path / "zoo"
+    small = dataclasses.replace(TINY, tasks=("colors",))
+    build_zoo(small, root, progress=False, log=lambda s: None)
+    changed = dataclasses.replace(small, finetune=dataclasses.replace(small.finetune, lr=1e-4))
+    assert changed.digest() != small.digest()
+    counter = Counter(zoo_mod.finetune)
+    monkeypatch.setattr(zoo_mod, "finetune", counter)
+    build_zoo(changed, root, progress=False, log=lambda s: None)
+    assert counter.calls == 1
+    assert '"lr": 0.0001' in (root / "manifest.json").read_text()
+
+
+def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
