@@ -10,10 +10,11 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LINT_PATHS := course_lib tests benchmarks $(wildcard tools/*.py)
 
-.PHONY: help setup setup-dev course test lint format lab bench clean
+.PHONY: help setup setup-dev zoo course test lint format lab bench clean
 
 help:
-	@echo "make course  - set up .venv and run the course's main job (merge real models, print results)"
+	@echo "make course  - set up .venv, build the mini zoo if missing, run every method, print the results"
+	@echo "make zoo     - build (or repair) the model zoo in data/cache/"
 	@echo "make test    - set up .venv with the dev extras and run every test"
 	@echo "make lab     - JupyterLab on notebooks/"
 	@echo "make bench   - merge benchmark on 8 ViT-B/32-shaped state dicts (slow, ~4 GB RAM)"
@@ -33,6 +34,9 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 setup: $(VENV)/.course-installed
 setup-dev: $(VENV)/.dev-installed
+
+zoo: $(VENV)/.course-installed
+	$(BIN)/python -m course_lib zoo
 
 course: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib course

@@ -58,8 +58,8 @@ def results_markdown(res, neg) -> str:
             f"{tw.router_accuracy:.1f}% on the test inputs, weights merged per input.",
             "",
             f"Negation: θ0 − {neg.scaling:g}·τ_{neg.task} takes {neg.task} from "
-            f"{neg.zeroshot[neg.task]:.1f}% to {neg.negated[neg.task]:.1f}%; the other tasks "
-            f"move by at most {worst:+.1f} points (largest drop).",
+            f"{neg.zeroshot[neg.task]:.1f}% to {neg.negated[neg.task]:.1f}%; the largest drop on "
+            f"another task is {worst:.1f} points.",
         ]
     )
 

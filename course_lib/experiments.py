@@ -204,7 +204,10 @@ class NegationResult:
 
 
 def negation(
-    zoo: Zoo, task: str, lambdas: Sequence[float] = (0.5, 1.0, 1.5, 2.0), tolerance: float = 5.0
+    zoo: Zoo,
+    task: str,
+    lambdas: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0),
+    tolerance: float = 5.0,
 ) -> NegationResult:
     """theta_0 - lambda tau_task: the largest lambda whose *other* tasks stay within
     ``tolerance`` points of zero-shot on val (the paper's control-task rule, Sec. 3)."""

@@ -26,9 +26,9 @@ from course_lib.models.vision import ZeroShotClassifier, cosine_schedule
 class FinetuneConfig:
     """Hyper-parameters of expert fine-tuning (every field enters the zoo's config hash)."""
 
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
     label_smoothing: float = 0.0

@@ -29,7 +29,8 @@ from torch import Tensor
 ValuesFn = Callable[[str, Tensor | slice], Tensor]
 
 DIRECT_LIMIT = 1 << 22  # below this many values per row, just concatenate and kthvalue
-CHUNK = 1 << 16  # columns per streaming step: a [T, CHUNK] float block stays in the CPU cache
+CHUNK = 1 << 18  # columns per streaming step: [8, CHUNK] floats = 8 MB, in the L3 cache (measured
+# faster and leaner than 1 << 16 and 1 << 20 for 8 ViT-B/32-sized models on 2 cores)
 
 
 def chunks(numel: int, size: int | None = None) -> list[slice]:

@@ -35,17 +35,17 @@ class MiniClipConfig:
     """Architecture and pretraining recipe of the mini-CLIP (every field enters the zoo hash)."""
 
     image_size: int = 32
-    patch_size: int = 4
-    width: int = 128
+    patch_size: int = 4  # 64 patches: small glyphs need the resolution (patch 8 learnt colour only)
+    width: int = 64
     layers: int = 4
     heads: int = 4
-    text_width: int = 128
-    text_layers: int = 3
+    text_width: int = 64
+    text_layers: int = 2
     embed_dim: int = 64
     max_text_len: int = 24
-    corpus_size: int = 40_000
-    epochs: int = 3
-    batch_size: int = 256
+    corpus_size: int = 30_000
+    epochs: int = 5
+    batch_size: int = 128  # more, smaller steps learn more than fewer large ones here
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50

@@ -50,7 +50,7 @@ class ZooConfig:
 
     clip: MiniClipConfig = MiniClipConfig()
     finetune: FinetuneConfig = FinetuneConfig()
-    sizes: tuple[tuple[str, int], ...] = (("train", 2000), ("val", 500), ("test", 1000))
+    sizes: tuple[tuple[str, int], ...] = (("train", 3000), ("val", 500), ("test", 1000))
     tasks: tuple[str, ...] | None = None  # None: all of course_lib.data.vision.TASKS
     data_seed: int = 0
 
@@ -288,6 +288,22 @@ def _summary(hist: FinetuneHistory) -> dict:
 
 
 def _save_task(task: VisionTask, path: Path) -> None:
+    from datasets.utils.tqdm import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()  # one "Saving the dataset" bar per split and task is noise
+    try:
+        _write_task(task, path)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _write_task(task: VisionTask, path: Path) -> None:
     path.mkdir(parents=True)
     meta = {"name": task.name, "classnames": task.classnames, "templates": task.templates}
     (path / "task.json").write_text(json.dumps(meta, indent=1))
