@@ -177,7 +177,7 @@ def pretrain_clip(
             sched.step()
             losses.append(loss.item())
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # shown at the next tick
     bar.close()
     model.eval()
     return model, losses

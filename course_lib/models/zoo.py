@@ -264,7 +264,7 @@ def build_zoo(
         _save_tensors(root / "heads.safetensors", heads)
         man.record("heads.safetensors")
     heads = load_file(str(root / "heads.safetensors"))
-    scale = float(clip.logit_scale.exp().clamp(max=100.0))
+    scale = clip.logit_scale.detach().exp().clamp(max=100.0).item()
 
     # 4. One expert per task.
     for name, task in tasks.items():
@@ -420,5 +420,5 @@ def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
         experts=experts,
         heads=heads,
         encoder_config=hub.encoder_config(clip),
-        logit_scale=float(clip.logit_scale.exp()),
+        logit_scale=clip.logit_scale.detach().exp().item(),
     )
