@@ -47,10 +47,6 @@ Inter = Literal["pairwise", "sum"]
 EPS = 1e-12
 
 
-def _rows(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
 def _col(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 

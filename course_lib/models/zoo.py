@@ -214,8 +214,7 @@ def build_zoo(
 
     cfg = cfg or ZooConfig()
     root = Path(root) if root is not None else cache_dir("mini")
-    root.mkdir(parents=True, exist_ok=True)
-    man = Manifest(root, cfg.digest(), cfg.to_dict())
+    man = Manifest(root, cfg.digest(), cfg.to_dict())  # wipes root for another configuration
     root.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -354,22 +353,19 @@ def load_zoo(
         return load_full_zoo(root=root, progress=progress)
     cfg = cfg or ZooConfig()
     root = Path(root) if root is not None else cache_dir("mini")
-    man = Manifest.__new__(Manifest)
-    man.root, man.path = root, root / "manifest.json"
-    complete = False
-    if man.path.exists():
-        man.data = json.loads(man.path.read_text())
-        names = [f"data_{n}" for n in cfg.task_names()]
-        names += ["clip.safetensors", "tokenizer.json", "heads.safetensors"]
-        names += [f"expert_{n}.safetensors" for n in cfg.task_names()]
-        complete = man.data.get("config_hash") == cfg.digest() and all(
-            n in man.data["files"] and (root / n).exists() for n in names
-        )
+    manifest = root / "manifest.json"
+    data = json.loads(manifest.read_text()) if manifest.exists() else {}
+    names = [f"data_{n}" for n in cfg.task_names()]
+    names += ["clip.safetensors", "tokenizer.json", "heads.safetensors"]
+    names += [f"expert_{n}.safetensors" for n in cfg.task_names()]
+    complete = data.get("config_hash") == cfg.digest() and all(
+        n in data["files"] and (root / n).exists() for n in names
+    )
     if not complete:
         if not build:
             raise FileNotFoundError(f"no complete mini zoo in {root}; run `make zoo`")
         build_zoo(cfg, root, progress=progress)
-        man.data = json.loads(man.path.read_text())
+        data = json.loads(manifest.read_text())
     clip, _ = _load_mini_clip(root)
     tasks = {n: _load_task(root, n) for n in cfg.task_names()}
     return Zoo(
@@ -379,8 +375,8 @@ def load_zoo(
         experts={n: load_file(str(root / f"expert_{n}.safetensors")) for n in tasks},
         heads=load_file(str(root / "heads.safetensors")),
         encoder_config=hub.encoder_config(clip),
-        logit_scale=man.data["info"]["logit_scale"],
-        info=man.data["info"],
+        logit_scale=data["info"]["logit_scale"],
+        info=data["info"],
     )
 
 
