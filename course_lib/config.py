@@ -53,3 +53,12 @@ def seed_everything(seed: int = DEFAULT_SEED) -> None:
 def describe() -> str:
     """A one-line summary printed at the top of every notebook and command."""
     return f"profile={profile()} device={device()} torch={torch.__version__}"
+
+
+def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
+    """A ``tqdm`` bar, off when ``progress`` is False or ``TQDM_DISABLE`` is set (headless runs,
+    e.g. ``tools/run_notebooks.py``, so stored notebook outputs stay clean)."""
+    from tqdm import tqdm
+
+    off = os.environ.get("TQDM_DISABLE", "") not in ("", "0", "false", "False")
+    return tqdm(iterable, disable=off or not progress, **kwargs)

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from course_lib.config import progress_bar
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
 from course_lib.models.vision import ZeroShotClassifier, cosine_schedule
@@ -67,7 +67,7 @@ def finetune(
     )
     history = FinetuneHistory()
     best_state, best_acc = None, -1.0
-    bar = tqdm(total=total, desc=f"fine-tune {task.name}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"fine-tune {task.name}", progress=progress, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
         for x, y in task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):

@@ -105,3 +105,35 @@ def test_pcb_never_lets_a_lone_dissenter_flip_the_sign():
     assert (conflicts >= 0).all()  # the dissenting entries get weight 0 (inter-balancing)
     # ... while a plain average is dragged towards 0 at every conflict.
     assert (conflicts.max() > tau.mean(0)[1::2].max()).item()
+
+
+@pytest.mark.parametrize("inter", ["pairwise", "sum"])
+def test_streaming_kernel_computes_exactly_the_readable_steps(inter):
+    from course_lib.merging.pcb import _Balancer
+
+    g = torch.Generator().manual_seed(1)
+    tau = torch.randn(5, 300, generator=g)
+    lo, hi = torch.full((5,), 0.1), torch.full((5,), 1.5)
+    beta, tau_c = balance(tau, lo, hi, inter)
+    work = _Balancer(5, inter)
+    work.set_bounds(lo, hi)
+    assert_close(work.beta(tau.clone()), beta, rtol=1e-5, atol=1e-6)
+    thr, bmax = beta.quantile(0.7, dim=1), beta.amax(dim=1)
+    expected = rescale_merge(tau_c, drop_weights(beta, thr, bmax), [1.0, 0.5, 2.0, 1.0, 1.0])
+    got = torch.empty(300)
+    work.merge(tau.clone(), thr, bmax, [1.0, 0.5, 2.0, 1.0, 1.0], out=got)
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pcb_inter_sum_streams_like_the_direct_path(monkeypatch):
+    from course_lib.merging import _select
+
+    g = torch.Generator().manual_seed(2)
+    pre = {"a": torch.randn(40, 30, generator=g), "b": torch.randn(77, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    direct = pcb_merging(pre, fts, ratio=0.3, inter="sum")
+    monkeypatch.setattr(_select, "DIRECT_LIMIT", 0)
+    monkeypatch.setattr(_select, "CHUNK", 11)
+    streamed = pcb_merging(pre, fts, ratio=0.3, inter="sum")
+    for k in pre:
+        assert_close(streamed[k], direct[k], rtol=1e-5, atol=1e-6)

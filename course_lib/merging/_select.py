@@ -27,6 +27,9 @@ from torch import Tensor
 # index tensor or a ``slice`` of the flattened tensor. Row t belongs to task t. The result may be
 # a reused buffer, overwritten by the next call: callers copy what they keep.
 ValuesFn = Callable[[str, Tensor | slice], Tensor]
+# visit(key, where, x, lo): sees each streamed chunk x = values(key, where) and the brackets' lower
+# ends lo [T, ranks per row] (see kth_smallest_rows).
+VisitFn = Callable[[str, slice, Tensor, Tensor], None]
 
 DIRECT_LIMIT = 1 << 22  # below this many values per row, just concatenate and kthvalue
 CHUNK = 1 << 18  # columns per streaming step: [8, CHUNK] floats = 8 MB, in the L3 cache (measured
@@ -50,16 +53,22 @@ def kth_smallest_rows(
     values: ValuesFn,
     ranks: Sequence[Sequence[int]],
     *,
-    sample_size: int = 1 << 20,
+    sample_size: int = 1 << 18,
     seed: int = 0,
     direct_limit: int | None = None,
+    visit: VisitFn | None = None,
 ) -> Tensor:
     """Return ``out[t, j]``: the value of 0-based ascending rank ``ranks[t][j]`` in row t.
 
     ``keys``/``numels`` list the tensors the rows are spread over (D = sum(numels) values per
     row). Memory: the sample plus the in-bracket candidates (a fraction of a percent of D),
     never [T, D]. Rows of at most ``direct_limit`` values (default :data:`DIRECT_LIMIT`) are
-    simply concatenated and sorted.
+    simply concatenated and sorted. A rank of D - 1 in every row (the row maximum) is a plain
+    running maximum.
+
+    ``visit(key, where, x, lo)``, if given, sees every chunk ``x`` of the streaming pass with the
+    brackets' lower ends ``lo`` [T, len(ranks[0])]: every value at or above its rank's result is
+    at or above ``lo``. It is not called on the direct path (small rows).
     """
     total = int(sum(numels))
     ranks_t = torch.tensor([[int(r) for r in row] for row in ranks], dtype=torch.long)
@@ -82,12 +91,13 @@ def kth_smallest_rows(
     inf = torch.tensor(float("inf"))
     lo = torch.where(lo_i < 0, -inf, sample.gather(1, lo_i.clamp(0, s - 1)))
     hi = torch.where(hi_i >= s, inf, sample.gather(1, hi_i.clamp(0, s - 1)))
-    result = _refine(keys, numels, values, ranks_t, lo, hi)
+    result = _refine(keys, numels, values, ranks_t, lo, hi, visit)
     bad = torch.isnan(result)
     if bad.any():  # unlucky sample (rare): count again with an open bracket for those ranks only
         lo2 = torch.where(bad, -inf, inf)
         hi2 = torch.where(bad, inf, -inf)
-        result = torch.where(bad, _refine(keys, numels, values, ranks_t, lo2, hi2), result)
+        again = _refine(keys, numels, values, ranks_t, lo2, hi2, visit)
+        result = torch.where(bad, again, result)
     return result
 
 
@@ -98,33 +108,76 @@ def _refine(
     ranks: Tensor,
     lo: Tensor,
     hi: Tensor,
+    visit: VisitFn | None = None,
 ) -> Tensor:
     """Count values below ``lo`` and keep those in [lo, hi], one cache-sized chunk at a time."""
     rows, per_row = ranks.shape
-    below = torch.zeros(rows, per_row, dtype=torch.long)
+    is_max = [bool((ranks[:, j] == sum(numels) - 1).all()) for j in range(per_row)]
+    row_max = torch.full((rows,), -float("inf"))
+    below = torch.zeros(rows, per_row, dtype=torch.float64)
     kept: list[list[Tensor]] = [[] for _ in range(per_row)]  # in-bracket values, row-major
     counts: list[list[Tensor]] = [[] for _ in range(per_row)]  # how many of them per row
+    work = _Counter(rows)
     for key, n in zip(keys, numels, strict=True):
         for where in chunks(n):
             x = values(key, where)  # [T, chunk]
+            if visit is not None:
+                visit(key, where, x, lo)
             for j in range(per_row):
-                lo_j, hi_j = lo[:, j : j + 1], hi[:, j : j + 1]
-                below[:, j] += (x < lo_j).sum(dim=1)
-                inside = (x >= lo_j) & (x <= hi_j)
-                kept[j].append(x[inside])
-                counts[j].append(inside.sum(dim=1))
+                if is_max[j]:
+                    torch.maximum(row_max, x.amax(dim=1), out=row_max)
+                    continue
+                n_below, inside = work.split(x, lo[:, j : j + 1], hi[:, j : j + 1])
+                below[:, j] += n_below
+                kept[j].append(inside[inside == inside])  # drop the NaN padding
+                counts[j].append((inside == inside).sum(dim=1))
     out = torch.full((rows, per_row), float("nan"))
     for j in range(per_row):
+        if is_max[j]:
+            out[:, j] = row_max
+            continue
         vals = torch.cat(kept[j])
         row_of = torch.repeat_interleave(
             torch.arange(rows).repeat(len(counts[j])), torch.stack(counts[j]).reshape(-1)
         )
         for t in range(rows):
             c = vals[row_of == t]
-            r = int(ranks[t, j] - below[t, j])
+            r = int(ranks[t, j] - int(below[t, j]))
             if 0 <= r < c.numel():
                 out[t, j] = c.kthvalue(r + 1).values
     return out
+
+
+class _Counter:
+    """Per chunk: how many values of each row lie below ``lo``, and those inside [lo, hi].
+
+    Written with float arithmetic only: on CPU, PyTorch's comparisons (bool outputs) and bool
+    reductions are ~10x slower than float ops of the same size. With d = x - lo (exact sign),
+    sum(sign d) = #above - #below and sum(|sign d|) = #above + #below, both exact in float32
+    for a chunk. The in-bracket values are rare: the columns that hold one are found from the
+    column maximum of min(x - lo, hi - x), and only those columns are compared exactly.
+    """
+
+    def __init__(self, rows: int):
+        self.rows, self.cols = rows, 0
+
+    def split(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (count of x < lo per row [T], in-bracket values [T, k] padded with NaN)."""
+        m = x.shape[1]
+        if m > self.cols:
+            self.cols = max(m, CHUNK)
+            self.d, self.e = torch.empty(self.rows, self.cols), torch.empty(self.rows, self.cols)
+        d, e = self.d[:, :m], self.e[:, :m]
+        torch.sub(x, lo, out=d)
+        sign = torch.sign(d, out=e)
+        exact = torch.float32 if m <= 1 << 24 else torch.float64  # integer sums stay exact
+        balance = sign.sum(dim=1, dtype=exact).double()
+        n_below = (sign.abs_().sum(dim=1, dtype=exact).double() - balance) / 2
+        torch.minimum(d, torch.sub(hi, x, out=e), out=d)  # >= 0 exactly inside [lo, hi]
+        cols = (d.amax(dim=0) >= 0).nonzero().squeeze(1)
+        sub = x[:, cols]
+        inside = (sub >= lo) & (sub <= hi)
+        return n_below, torch.where(inside, sub, float("nan"))
 
 
 def kth_largest_count(numel: int, fraction: float) -> int:

@@ -72,7 +72,7 @@ def normalized_magnitude(tau: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
 
 def intra_balance(m: Tensor) -> Tensor:
     """Intra-balancing, exp(N * m^2): large own-task magnitudes dominate, sharply for many tasks."""
-    return torch.exp(m.shape[0] * m * m)
+    return torch.exp(m * m * m.shape[0])
 
 
 def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
@@ -144,6 +144,7 @@ def pcb_merging(
     total, num = sum(numels), len(finetuned)
 
     buf = torch.empty(num, _select.CHUNK)
+    work = _Balancer(num, inter)
 
     def tau_at(key: str, where: Tensor | slice) -> Tensor:
         return delta_rows(pretrained, finetuned, key, where, buf)
@@ -153,24 +154,108 @@ def pcb_merging(
     bounds = kth_smallest_rows(
         keys_, numels, lambda k, w: tau_at(k, w).abs_(), [[lo_r, hi_r]] * num
     )
-    lo, hi = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()
+    work.set_bounds(bounds[:, 0], bounds[:, 1])
 
-    # Pass 2: drop threshold and maximum of beta per task.
+    # Pass 2: drop threshold and maximum of beta per task. On the way, note which positions can
+    # hold a kept entry in some task (beta above the threshold's lower bracket): pass 3 only
+    # needs to recompute beta there, every other position merges to 0.
+    live: dict[str, Tensor] = {}
+
+    def note_live(key: str, where: slice, beta: Tensor, lo: Tensor) -> None:
+        if key not in live:
+            live[key] = torch.zeros(pretrained[key].numel(), dtype=torch.bool)
+        live[key][where] |= torch.sub(beta, lo[:, :1]).amax(dim=0) >= 0
+
     stats = kth_smallest_rows(
         keys_,
         numels,
-        lambda k, w: balance(tau_at(k, w), lo, hi, inter)[0],
+        lambda k, w: work.beta(tau_at(k, w)),
         [[drop_rank(total, ratio), total - 1]] * num,
+        visit=note_live,
     )
-    thr, beta_max = stats[:, 0].contiguous(), stats[:, 1].contiguous()
 
-    # Pass 3: weights and the weighted mean.
+    # Pass 3: weights and the weighted mean (at the live positions; all of them for small models).
     merged: dict[str, Tensor] = {}
+    cols, row = torch.empty(num, _select.CHUNK), torch.empty(_select.CHUNK)
     for key in keys_:
-        tau_m = torch.empty(pretrained[key].numel())
+        tau_m = torch.zeros(pretrained[key].numel())
         for where in chunks(tau_m.numel()):
-            beta, tau_c = balance(tau_at(key, where), lo, hi, inter)
-            tau_m[where] = rescale_merge(tau_c, drop_weights(beta, thr, beta_max), lam)
+            if key not in live:
+                work.merge(tau_at(key, where), stats[:, 0], stats[:, 1], lam, out=tau_m[where])
+                continue
+            idx = live[key][where].nonzero().squeeze(1)
+            if idx.numel():
+                tau = torch.index_select(tau_at(key, where), 1, idx, out=cols[:, : idx.numel()])
+                merged_at = row[: idx.numel()]
+                work.merge(tau, stats[:, 0], stats[:, 1], lam, out=merged_at)
+                tau_m[where][idx] = merged_at
         base = pretrained[key]
         merged[key] = tau_m.reshape(base.shape).add_(base.float()).to(base.dtype)
     return assemble(merged, p, pretrained)
+
+
+class _Balancer:
+    """The PCB steps on one [T, chunk] block, written into pre-allocated buffers.
+
+    Computes exactly :func:`balance`, :func:`drop_weights` and :func:`rescale_merge`, but with
+    ``out=`` and in-place operations, so that streaming a ViT-B/32-sized model allocates nothing
+    per chunk (fresh temporaries per chunk made glibc's heap grow by gigabytes).
+    """
+
+    def __init__(self, rows: int, inter: Inter):
+        self.rows, self.inter, self.cols = rows, inter, 0
+
+    def set_bounds(self, lo: Tensor, hi: Tensor) -> None:
+        self.lo, self.hi = lo.reshape(-1, 1).contiguous(), hi.reshape(-1, 1).contiguous()
+        self.span = (self.hi - self.lo).clamp(min=EPS)
+
+    def _buffers(self, m: int) -> None:
+        if m > self.cols:
+            self.cols = max(m, _select.CHUNK)
+            self.a, self.mag, self.u, self.v, self.pairs, self.total = (
+                torch.empty(self.rows, self.cols) for _ in range(6)
+            )
+            self.row = torch.empty(self.cols)
+
+    def beta(self, tau: Tensor, clip_tau: bool = False) -> Tensor:
+        """beta = exp(T m^2) * inter of ``tau`` [T, m] (a view of a buffer). ``clip_tau``: also
+        overwrite ``tau`` with the clipped tau_c = sign(tau) * a."""
+        t, m = tau.shape
+        self._buffers(m)
+        a, mag, u = self.a[:, :m], self.mag[:, :m], self.u[:, :m]
+        torch.abs(tau, out=a)
+        for i in range(t):  # a scalar clamp per row is much faster than a broadcast one
+            a[i].clamp_(min=float(self.lo[i]), max=float(self.hi[i]))
+        torch.sub(a, self.lo, out=mag).div_(self.span)  # m = (a - lo) / (hi - lo)
+        if self.inter == "sum":
+            inter = torch.sum(tau, dim=0, out=self.row[:m])
+            torch.mul(tau, inter, out=self.total[:, :m]).tanh_()
+        else:
+            torch.sign(tau, out=u).mul_(mag)
+            self._pairwise(u)
+        if clip_tau:
+            tau.sign_().mul_(a)
+        return mag.mul_(mag).mul_(t).exp_().mul_(self.total[:, :m])
+
+    def _pairwise(self, u: Tensor) -> None:
+        """total = sum_j tanh(u_i u_j) = sum_j (2 sigmoid(2 u_i u_j) - 1), each pair once."""
+        t, m = u.shape
+        two_u = torch.mul(u, 2.0, out=self.v[:, :m])
+        total = self.total[:, :m].zero_()
+        for i in range(t):
+            s = torch.mul(u[i], two_u[i:], out=self.pairs[: t - i, :m]).sigmoid_()
+            total[i] += torch.sum(s, dim=0, out=self.row[:m])
+            total[i + 1 :] += s[1:]
+        total.mul_(2.0).sub_(t)
+
+    def merge(
+        self, tau: Tensor, threshold: Tensor, beta_max: Tensor, lam: Sequence[float], out: Tensor
+    ) -> None:
+        """out = sum_i lambda_i w_i tau_c,i / max(sum_i w_i, eps) with the drop-and-rescale w."""
+        m = tau.shape[1]
+        w = self.beta(tau, clip_tau=True)
+        v = threshold.reshape(-1, 1)
+        w = torch.maximum(w, v, out=w).sub_(v).div_((beta_max.reshape(-1, 1) - v).clamp(min=EPS))
+        lam_col = torch.tensor(lam, dtype=tau.dtype).reshape(-1, 1)
+        torch.sum(tau.mul_(w).mul_(lam_col), dim=0, out=out)
+        out.div_(torch.sum(w, dim=0, out=self.row[:m]).clamp_(min=EPS))

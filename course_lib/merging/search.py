@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+
+from course_lib.config import progress_bar
 
 Evaluate = Callable[[list[float]], float]
 
@@ -93,7 +94,7 @@ def search_scaling(
     parent = [min(max(init, lo), hi)] * num_tasks
     parent_score = run(parent)
     step = sigma
-    with tqdm(total=budget, desc="ES search", disable=not progress, leave=False) as bar:
+    with progress_bar(total=budget, desc="ES search", progress=progress, leave=False) as bar:
         for _ in range(budget - 1):
             noise = torch.randn(num_tasks, generator=gen) * step
             child = [min(max(p + float(n), lo), hi) for p, n in zip(parent, noise, strict=True)]

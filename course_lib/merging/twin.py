@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from course_lib.config import progress_bar
 from course_lib.merging._base import prepare
 from course_lib.merging.task_arithmetic import task_arithmetic
 from course_lib.state import StateDict, TaskVector
@@ -146,7 +146,7 @@ def compress(
     if isinstance(rank_ratio, bool) or not 0.0 < float(rank_ratio) <= 1.0:
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
     out = []
-    for vec in tqdm(vectors, desc="SVD compress", disable=len(vectors) < 4, leave=False):
+    for vec in progress_bar(vectors, desc="SVD compress", progress=len(vectors) >= 4, leave=False):
         parts: dict[str, LowRank | Tensor] = {}
         for key in vec:
             t = vec[key]
@@ -277,7 +277,7 @@ def train_router(
     labels = labels.long()
     hist = RouterHistory([], [], -1)
     best_acc, best_state = -1.0, None
-    for epoch in tqdm(range(epochs), desc="router", disable=not progress, leave=False):
+    for epoch in progress_bar(range(epochs), desc="router", progress=progress, leave=False):
         router.train()
         order = torch.randperm(features.shape[0], generator=gen)
         total = 0.0

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+from course_lib.config import progress_bar
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)  # EOS must not be 2: CLIP treats eos id 2 as "legacy"
@@ -160,7 +161,7 @@ def pretrain_clip(
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=total, desc="pretrain mini-CLIP", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc="pretrain mini-CLIP", progress=progress, leave=False)
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
