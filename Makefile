@@ -10,10 +10,13 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LINT_PATHS := course_lib tests benchmarks $(wildcard tools/*.py)
 
-.PHONY: help setup setup-dev zoo course test lint format lab bench clean
+.PHONY: help setup setup-dev zoo course student notebooks test lint format lab bench clean
 
 help:
-	@echo "make course  - set up .venv, build the mini zoo if missing, run every method, print the results"
+	@echo "make course  - set up .venv, build the mini zoo if missing, run every method, print the results,"
+	@echo "               then execute every notebook headless into build/notebooks/"
+	@echo "make notebooks - re-execute the solution notebooks in place and regenerate the student ones"
+	@echo "make student - regenerate notebooks/student/ from the solution notebooks"
 	@echo "make zoo     - build (or repair) the model zoo in data/cache/"
 	@echo "make test    - set up .venv with the dev extras and run every test"
 	@echo "make lab     - JupyterLab on notebooks/"
@@ -40,6 +43,14 @@ zoo: $(VENV)/.course-installed
 
 course: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib course
+	$(BIN)/python tools/run_notebooks.py
+
+student: $(VENV)/.course-installed
+	$(BIN)/python tools/make_student.py
+
+notebooks: $(VENV)/.course-installed
+	$(BIN)/python tools/run_notebooks.py --inplace
+	$(BIN)/python tools/make_student.py
 
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
 from course_lib import config
+from course_lib.config import progress_bar
 from course_lib.merging import (
     Router,
     compress,
@@ -73,7 +73,7 @@ def tune_scaling(
 ) -> Tuned:
     """Evaluate ``merge(lambda)`` on val for each lambda; keep the best mean accuracy."""
     curve, best = {}, None
-    for lam in tqdm(lambdas, desc=desc, disable=not progress, leave=False):
+    for lam in progress_bar(lambdas, desc=desc, progress=progress, leave=False):
         state = merge(lam)
         curve[lam] = mean(zoo.evaluate(state, "val", limit=VAL_LIMIT))
         if best is None or curve[lam] > curve[best.scaling]:
@@ -107,16 +107,14 @@ def vmappable_encoder(zoo: Zoo) -> torch.nn.Module:
     return hub.build_image_encoder(cfg, zoo.pretrained)
 
 
-def per_input_logits(
+def per_input_embeddings(
     enc: torch.nn.Module,
     shared: Mapping[str, Tensor],
     stacked: Mapping[str, Tensor],
     weights: Tensor,
     pixels: Tensor,
-    head: Tensor,
-    logit_scale: float,
 ) -> Tensor:
-    """Logits where input b runs through its *own* model theta* + sum_t w[b, t] v_t.
+    """Normalized embeddings where input b runs through its *own* model theta* + sum_t w[b, t] v_t.
 
     ``torch.func.vmap`` over ``functional_call`` evaluates a batch of B differently-merged
     encoders at once (B copies of the weights: fine for the mini encoder; use group-wise
@@ -131,44 +129,58 @@ def per_input_logits(
         emb = functional_call(enc, params, (), {"pixel_values": x[None]}).image_embeds[0]
         return F.normalize(emb, dim=-1)
 
-    emb = vmap(one)(weights, pixels)
-    return logit_scale * emb @ head.T
+    return vmap(one)(weights, pixels)
+
+
+def per_input_logits(enc, shared, stacked, weights, pixels, head: Tensor, logit_scale: float):
+    """Logits of :func:`per_input_embeddings` against one task's head ``[C, E]``."""
+    return logit_scale * per_input_embeddings(enc, shared, stacked, weights, pixels) @ head.T
 
 
 @dataclass
 class TwinResult:
     accuracy: dict[str, float]
-    router_accuracy: float  # on the test inputs: does the router pick the right task?
+    router_accuracy: float  # on the evaluated inputs: does the router pick the right task?
     compression: float  # stored / dense parameters of the twin vectors
     rank_ratio: float
     confusion: Tensor  # [T, T] counts: true task x argmax router task
 
 
-def twin_merging(
-    zoo: Zoo,
-    *,
-    rank_ratio: float = 0.1,
-    shared_scaling: float = 0.3,
-    split: str = "test",
-    router_epochs: int = 60,
-    batch_size: int = 64,
-    limit: int | None = None,
-    progress: bool = True,
-) -> TwinResult:
-    """Twin-Merging (Lu et al., 2024): shared expert, SVD twin vectors, per-input router weights."""
-    names = zoo.task_names
-    shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
-    compressed = compress(twin_vectors(shared, zoo.finetuned()), rank_ratio=rank_ratio)
-    stacked = stacked_vectors(shared, compressed)
-    # Router on theta_0's embeddings of *validation* inputs, labelled with their task.
-    feats = [features(zoo, zoo.pretrained, t, "val") for t in names]
+def train_task_router(zoo: Zoo, *, epochs: int = 60, progress: bool = True) -> Router:
+    """A router from theta_0's embedding of an input to its task, trained on *validation* inputs."""
+    feats = [features(zoo, zoo.pretrained, t, "val") for t in zoo.task_names]
     x = torch.cat(feats)
     y = torch.cat([torch.full((len(f),), i) for i, f in enumerate(feats)])
-    router = Router(x.shape[1], len(names))
-    train_router(router, x, y, epochs=router_epochs, seed=config.DEFAULT_SEED, progress=progress)
+    router = Router(x.shape[1], len(feats))
+    train_router(router, x, y, epochs=epochs, seed=config.DEFAULT_SEED, progress=progress)
+    return router
+
+
+def compression_of(compressed) -> float:
+    """Stored / dense parameters over a list of compressed twin vectors."""
+    return sum(c.stored_params for c in compressed) / sum(c.dense_params for c in compressed)
+
+
+def twin_accuracy(
+    zoo: Zoo,
+    shared: Mapping[str, Tensor],
+    compressed,
+    router: Router,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    rank_ratio: float = float("nan"),
+    progress: bool = True,
+) -> TwinResult:
+    """Each input of each task merged with the router's weights for *that* input."""
+    names = zoo.task_names
+    stacked = stacked_vectors(shared, compressed)
     enc = vmappable_encoder(zoo)
     accs, confusion, hits, total = {}, torch.zeros(len(names), len(names)), 0, 0
-    for i, t in enumerate(tqdm(names, desc="twin per-input", disable=not progress, leave=False)):
+    for i, t in enumerate(
+        progress_bar(names, desc="twin per-input", progress=progress, leave=False)
+    ):
         w_all = router.weights(features(zoo, zoo.pretrained, t, split, limit))
         correct, start = 0, 0
         for px, lab in zoo.tasks[t].batches(split, batch_size, limit=limit):
@@ -183,13 +195,73 @@ def twin_merging(
         picked = w_all.argmax(-1)
         confusion[i] += torch.bincount(picked, minlength=len(names)).float()
         hits, total = hits + int((picked == i).sum()), total + len(picked)
-    return TwinResult(
-        accs,
-        100.0 * hits / total,
-        sum(c.stored_params for c in compressed) / sum(c.dense_params for c in compressed),
-        rank_ratio,
-        confusion,
+    return TwinResult(accs, 100.0 * hits / total, compression_of(compressed), rank_ratio, confusion)
+
+
+def twin_merging(
+    zoo: Zoo,
+    *,
+    rank_ratio: float = 0.1,
+    shared_scaling: float = 0.3,
+    split: str = "test",
+    router_epochs: int = 60,
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TwinResult:
+    """Twin-Merging (Lu et al., 2024): shared expert, SVD twin vectors, per-input router weights."""
+    shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
+    compressed = compress(twin_vectors(shared, zoo.finetuned()), rank_ratio=rank_ratio)
+    router = train_task_router(zoo, epochs=router_epochs, progress=progress)
+    return twin_accuracy(
+        zoo, shared, compressed, router, split=split, limit=limit, batch_size=batch_size,
+        rank_ratio=rank_ratio, progress=progress,
+    )  # fmt: skip
+
+
+def mixed_stream(
+    zoo: Zoo,
+    shared: Mapping[str, Tensor],
+    compressed,
+    router: Router,
+    *,
+    per_task: int = 100,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy on one shuffled stream mixing ``per_task`` test inputs of every task.
+
+    No input comes with its task: the router sees only theta_0's embedding of the image and
+    weighs the twin vectors for that input; the prediction is then read with the head of the
+    input's own label space (as when a deployed model serves many datasets).
+    """
+    names = zoo.task_names
+    pixels, labels, tasks = [], [], []
+    for i, t in enumerate(names):
+        x, y = next(zoo.tasks[t].batches("test", per_task, limit=per_task))
+        pixels.append(x)
+        labels.append(y)
+        tasks.append(torch.full((len(y),), i))
+    order = torch.randperm(
+        sum(len(y) for y in labels), generator=torch.Generator().manual_seed(seed)
     )
+    pixels, labels, tasks = (torch.cat(v)[order] for v in (pixels, labels, tasks))
+    stacked = stacked_vectors(shared, compressed)
+    enc, dev = vmappable_encoder(zoo), config.device()
+    base_enc = zoo.encoder(zoo.pretrained).to(dev)
+    correct = torch.zeros(len(names))
+    for s in range(0, len(labels), batch_size):
+        x = pixels[s : s + batch_size]
+        with torch.no_grad():
+            w = router.weights(
+                F.normalize(base_enc(pixel_values=x.to(dev)).image_embeds, dim=-1).cpu()
+            )
+            emb = per_input_embeddings(enc, shared, stacked, w, x)
+        for j in range(len(x)):
+            t = int(tasks[s + j])
+            pred = int((emb[j] @ zoo.heads[names[t]].T).argmax())
+            correct[t] += pred == int(labels[s + j])
+    return {t: 100.0 * float(correct[i]) / per_task for i, t in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- negation

@@ -130,7 +130,9 @@ def test_pcb_inter_sum_streams_like_the_direct_path(monkeypatch):
 
     g = torch.Generator().manual_seed(2)
     pre = {"a": torch.randn(40, 30, generator=g), "b": torch.randn(77, generator=g)}
-    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    fts = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)
+    ]
     direct = pcb_merging(pre, fts, ratio=0.3, inter="sum")
     monkeypatch.setattr(_select, "DIRECT_LIMIT", 0)
     monkeypatch.setattr(_select, "CHUNK", 11)

@@ -120,3 +120,34 @@ def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
+
+
+def test_twin_pieces_on_the_tiny_zoo(built):
+    from course_lib import experiments as ex
+    from course_lib.merging import compress, shared_expert, twin_vectors
+
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    shared = shared_expert(z.pretrained, z.finetuned())
+    dense = compress(twin_vectors(shared, z.finetuned()), rank_ratio=1.0)
+    stacked = ex.stacked_vectors(shared, dense)
+    enc = ex.vmappable_encoder(z)
+    x, _ = next(z.tasks["digits"].batches("test", 4))
+    one_hot = torch.zeros(4, 3)
+    one_hot[:, 0] = 1.0  # every input routed to the digits expert: the expert itself
+    got = ex.per_input_embeddings(enc, shared, stacked, one_hot, x)
+    want = torch.nn.functional.normalize(
+        z.encoder(z.experts["digits"])(pixel_values=x).image_embeds, dim=-1
+    )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    router = ex.train_task_router(z, epochs=2, progress=False)
+    res = ex.twin_accuracy(z, shared, dense, router, limit=8, progress=False)
+    assert set(res.accuracy) == set(z.task_names) and res.confusion.sum() == 24
+    assert res.compression >= 1.0  # full rank stores more than dense (two factors)
+    mixed = ex.mixed_stream(z, shared, dense, router, per_task=8, batch_size=5)
+    assert set(mixed) == set(z.task_names)
+    assert all(0.0 <= v <= 100.0 for v in mixed.values())
+    # per-input merging does not care what else is in the batch: the mixed, shuffled stream
+    # scores what the task-by-task evaluation scores (up to one float-noise flip per task)
+    for t in z.task_names:
+        assert abs(mixed[t] - res.accuracy[t]) <= 100 / 8 + 1e-9

@@ -1,0 +1,356 @@
+"""Exercise checkers: run a learner's function on small cases and explain what is wrong.
+
+Each ``check_*`` calls the learner's function on hand-made inputs, compares with the reference
+implementation of ``course_lib`` and, when the answer is wrong, recognizes the usual mistakes
+(keeping the smallest entries, an off-by-one k, a head-count vote instead of the mass vote,
+dividing by T instead of by the number of agreeing tasks, ...) to say *which* one it is. A
+correct answer prints a one-line confirmation and returns True; a wrong one raises
+``AssertionError`` with the explanation. A stub that still raises ``NotImplementedError`` is
+not caught: the notebook shows that the exercise is open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from course_lib.merging.pcb import inter_balance, intra_balance
+from course_lib.merging.ties import disjoint_merge, elect, trim
+
+
+class ExerciseError(AssertionError):
+    """A wrong answer to an exercise; the message says what to fix."""
+
+
+def _close(a, b, tol: float = 1e-5) -> bool:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol))
+
+
+def _tensor(x, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ExerciseError(f"{what} should return a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _ok(message: str) -> bool:
+    print(f"\N{CHECK MARK} {message}")
+    return True
+
+
+def _diagnose(got, expected, mistakes: Mapping[str, object], what: str) -> None:
+    """Raise with the first matching known mistake, else with a generic message."""
+    if _close(got, expected):
+        return
+    for message, wrong in mistakes.items():
+        if _close(got, wrong):
+            raise ExerciseError(f"{what}: {message}")
+    raise ExerciseError(f"{what}: expected\n{expected}\nbut got\n{got}")
+
+
+# ----------------------------------------------------------------------------- notebook 00-01
+def check_normalized_accuracy(fn: Callable[[dict, dict], dict]) -> bool:
+    """``fn(acc, expert_acc)`` -> ``{task: 100 * acc / expert_acc}``."""
+    acc, exp = {"a": 45.0, "b": 90.0}, {"a": 90.0, "b": 100.0}
+    got = fn(acc, exp)
+    if not isinstance(got, Mapping) or set(got) != {"a", "b"}:
+        raise ExerciseError("return a dict with one entry per task, e.g. {'a': 50.0, 'b': 90.0}")
+    if _close([got["a"], got["b"]], [0.5, 0.9]):
+        raise ExerciseError("normalized accuracy is reported in percent: multiply by 100")
+    if _close([got["a"], got["b"]], [200.0, 111.111]):
+        raise ExerciseError("divide the merged accuracy by the expert's, not the other way round")
+    _diagnose([got["a"], got["b"]], [50.0, 90.0], {}, "normalized accuracy")
+    return _ok("normalized accuracy = 100 * merged / expert, per task")
+
+
+def check_cross_task(fn: Callable[..., float], zoo) -> bool:
+    """``fn(zoo, source, target, limit)`` -> accuracy of expert ``source`` on task ``target``."""
+    source, target = zoo.task_names[0], zoo.task_names[-1]
+    got = float(fn(zoo, source, target, limit=100))
+    expected = zoo.evaluate(zoo.experts[source], "test", [target], limit=100)[target]
+    own = zoo.evaluate(zoo.experts[target], "test", [target], limit=100)[target]
+    zero = zoo.evaluate(zoo.pretrained, "test", [target], limit=100)[target]
+    _diagnose(
+        got,
+        expected,
+        {
+            f"evaluate the {source} expert (source), not the {target} expert": own,
+            "evaluate the expert's weights (zoo.experts[source]), not the pretrained ones": zero,
+            "report a percentage, as zoo.evaluate does": expected / 100,
+        },
+        "cross-task accuracy",
+    )
+    return _ok(f"the {source} expert scores {expected:.1f}% on {target}")
+
+
+def check_task_vector(fn: Callable[[dict, dict], dict]) -> bool:
+    """``fn(pretrained, finetuned)`` -> ``{key: finetuned[key] - pretrained[key]}`` (floats only)."""
+    pre = {"w": torch.tensor([1.0, 2.0, 3.0]), "step": torch.tensor([7])}
+    ft = {"w": torch.tensor([1.5, 1.0, 3.0]), "step": torch.tensor([9])}
+    got = fn(pre, ft)
+    if not isinstance(got, Mapping):
+        raise ExerciseError(f"return a dict of tensors, got {type(got).__name__}")
+    if "step" in got:
+        raise ExerciseError("integer buffers (like 'step') are not weights: skip them")
+    if "w" not in got:
+        raise ExerciseError("the task vector needs an entry for every float tensor, e.g. 'w'")
+    w = _tensor(got["w"], "the task vector's 'w'")
+    _diagnose(
+        w,
+        [0.5, -1.0, 0.0],
+        {"the task vector is finetuned - pretrained, not pretrained - finetuned": [-0.5, 1.0, 0.0]},
+        "task vector",
+    )
+    if pre["w"].tolist() != [1.0, 2.0, 3.0] or ft["w"].tolist() != [1.5, 1.0, 3.0]:
+        raise ExerciseError("do not modify the inputs in place (use a - b, not a.sub_(b))")
+    return _ok("tau = theta_ft - theta_0, float tensors only, inputs untouched")
+
+
+def check_cosine(fn: Callable[[dict, dict], float]) -> bool:
+    """``fn(tau_a, tau_b)`` -> cosine similarity over *all* tensors together."""
+    a = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0, 2.0])}
+    b = {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([0.0, 0.0])}
+    got = float(fn(a, b))
+    per_tensor_mean = (1 / 2**0.5 + 0.0) / 2
+    _diagnose(
+        got,
+        1 / (5**0.5 * 2**0.5),
+        {
+            "compute one cosine over the concatenation of all tensors, not a mean of "
+            "per-tensor cosines": per_tensor_mean,
+            "divide the dot product by both norms": 1.0,
+        },
+        "cosine similarity",
+    )
+    return _ok("cosine over the whole flattened task vector")
+
+
+# ----------------------------------------------------------------------------- notebook 02
+def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
+    """``fn(tau [T, n])`` -> fraction of columns holding both a positive and a negative entry."""
+    tau = torch.tensor(
+        [[1.0, -1.0, 0.0, 2.0, 0.0], [2.0, 1.0, -1.0, -3.0, 0.0], [0.5, 0.0, 0.0, 1.0, 0.0]]
+    )
+    got = float(fn(tau.clone()))
+    _diagnose(
+        got,
+        2 / 5,
+        {
+            "zeros have no sign: a column with -1 and 0 is not a conflict": 3 / 5,
+            "return a fraction in [0, 1] (conflicting columns / all columns)": 2.0,
+            "count columns, not entries": 4 / 15,
+        },
+        "sign-conflict rate",
+    )
+    return _ok("a conflict is a column with at least one positive and one negative entry")
+
+
+def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
+    """``fn(tau, fraction)`` -> share of sum(tau^2) held by the top ``fraction`` of |entries|."""
+    tau = torch.tensor([3.0, -4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    got = float(fn(tau.clone(), 0.2))
+    _diagnose(
+        got,
+        25 / 26,
+        {
+            "rank by magnitude |tau|, not by signed value": 10 / 26,
+            "the share is of the squared norm sum(tau^2), not of sum(|tau|)": 7 / 8,
+            "the top 20% of 10 entries is 2 entries": 16 / 26,
+        },
+        "top-mass share",
+    )
+    return _ok("the top 20% of entries hold 96% of ||tau||^2 here")
+
+
+# ----------------------------------------------------------------------------- notebook 03
+_TAU = torch.tensor(
+    [
+        [0.9, -0.1, 0.3, -0.7, 0.05, 0.2],
+        [-0.8, 0.4, 0.25, -0.6, 0.0, -0.3],
+        [0.2, 0.5, -0.35, 0.1, -0.9, 0.15],
+    ]
+)
+
+
+def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
+    """``fn(tau [T, n], density)`` keeps the top-k |entries| of each row, k = floor(density*n)."""
+    got = _tensor(fn(_TAU.clone(), 0.5), "trim")
+    if got.shape != _TAU.shape:
+        raise ExerciseError(f"trim must keep the shape {tuple(_TAU.shape)}, got {tuple(got.shape)}")
+    expected = trim(_TAU, 0.5)
+    mags = _TAU.abs()
+    bottom = _TAU * (mags <= mags.kthvalue(3, dim=1, keepdim=True).values)
+    signed = _TAU * (_TAU >= _TAU.kthvalue(4, dim=1, keepdim=True).values)  # noqa: SIM300
+    one_more = _TAU * (mags >= mags.kthvalue(3, dim=1, keepdim=True).values)
+    one_less = _TAU * (mags >= mags.kthvalue(5, dim=1, keepdim=True).values)
+    flat = mags.reshape(-1)
+    whole = _TAU * (mags >= flat.kthvalue(flat.numel() - 9 + 1).values)
+    _diagnose(
+        got,
+        expected,
+        {
+            "you kept the smallest entries: keep the largest magnitudes": bottom,
+            "rank by magnitude |tau|, not by the signed value": signed,
+            "off by one: keep exactly k = floor(density * n) = 3 entries per row (you kept 4)": one_more,
+            "off by one: keep exactly k = floor(density * n) = 3 entries per row (you kept 2)": one_less,
+            "trim each task vector (row) on its own, not all rows together": whole,
+            "return the trimmed values, not a 0/1 mask": (expected != 0).float(),
+        },
+        "trim",
+    )
+    return _ok("trim keeps the top-k magnitudes of each task vector")
+
+
+def check_elect(fn: Callable[[Tensor], Tensor]) -> bool:
+    """``fn(trimmed [T, n])`` -> elected sign per column: sign of the column sum (mass vote)."""
+    trimmed = trim(_TAU, 0.5)
+    got = _tensor(fn(trimmed.clone()), "elect")
+    if got.shape != (trimmed.shape[1],):
+        raise ExerciseError(
+            f"return one sign per column: shape [{trimmed.shape[1]}], got {list(got.shape)}"
+        )
+    decided = trimmed.sum(0) != 0  # where the sum is 0 (an all-zero column) any sign is fine
+    count_vote = ((trimmed > 0).sum(0) - (trimmed < 0).sum(0)).sign().float()
+    _diagnose(
+        got[decided],
+        trimmed.sum(0).sign()[decided],
+        {
+            "the vote is by mass, sign(sum_t tau_t), not by counting positive/negative tasks": count_vote[
+                decided
+            ],
+            "return the sign (+1/-1), not the summed values": trimmed.sum(0)[decided],
+        },
+        "elect",
+    )
+    return _ok("the elected sign is the sign of the summed mass")
+
+
+def check_disjoint_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> bool:
+    """``fn(trimmed, gamma)`` -> mean over the tasks whose sign agrees with gamma (0 if none)."""
+    trimmed = trim(_TAU, 0.5)
+    gamma = elect(trimmed, zero_sign=1.0)
+    got = _tensor(fn(trimmed.clone(), gamma.clone()), "disjoint_merge")
+    expected = disjoint_merge(trimmed, gamma, "mean")
+    agree = (trimmed.sign() == gamma) & (trimmed != 0)
+    _diagnose(
+        got,
+        expected,
+        {
+            "divide by the number of agreeing tasks, not by T (that is a plain average "
+            "of the agreeing values)": (trimmed * agree).sum(0) / trimmed.shape[0],
+            "average the agreeing entries only; you averaged all non-zero entries": trimmed.sum(0)
+            / (trimmed != 0).sum(0).clamp(min=1),
+            "divide by the number of agreeing entries, not by all non-zero ones": (
+                trimmed * agree
+            ).sum(0)
+            / (trimmed != 0).sum(0).clamp(min=1),
+            "that is the disjoint sum: divide by the number of agreeing tasks": (
+                trimmed * agree
+            ).sum(0),
+        },
+        "disjoint mean",
+    )
+    return _ok("disjoint mean = mean of the entries that agree with the elected sign")
+
+
+# ----------------------------------------------------------------------------- notebook 04
+_M = torch.tensor([[0.0, 0.5, 1.0, 0.25], [1.0, 0.2, 0.0, 0.75], [0.5, 0.5, 0.5, 0.1]])
+_U = _M * torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0], [-1.0, 1.0, 1.0, 1.0]])
+
+
+def check_intra_balance(fn: Callable[[Tensor], Tensor]) -> bool:
+    """``fn(m [T, n])`` -> exp(T * m^2) (PCB's intra-balancing in the official code)."""
+    got = _tensor(fn(_M.clone()), "intra_balance")
+    t = _M.shape[0]
+    _diagnose(
+        got,
+        intra_balance(_M),
+        {
+            "the exponent is N * m^2 with N the number of tasks (3 here), not m^2": torch.exp(
+                _M**2
+            ),
+            "square m inside the exponent: exp(N * m^2), not exp(N * m)": torch.exp(t * _M),
+            "exponentiate: exp(N * m^2), not N * m^2": t * _M**2,
+        },
+        "intra-balancing",
+    )
+    return _ok("intra-balancing = exp(N m^2)")
+
+
+def check_inter_balance(fn: Callable[[Tensor], Tensor]) -> bool:
+    """``fn(u [T, n])`` -> sum_j tanh(u_i * u_j) for every task i (the j = i term included)."""
+    got = _tensor(fn(_U.clone()), "inter_balance")
+    expected = inter_balance(_U, _U.abs(), "pairwise")
+    without_self = expected - torch.tanh(_U * _U)
+    _diagnose(
+        got,
+        expected,
+        {
+            "the sum over j includes j = i (the task agrees with itself)": without_self,
+            "apply tanh to each product u_i * u_j before summing": torch.tanh(
+                _U * _U.sum(0, keepdim=True)
+            ),
+            "use tanh of the products, not the raw products": _U * _U.sum(0, keepdim=True),
+        },
+        "inter-balancing",
+    )
+    return _ok("inter-balancing = sum_j tanh(u_i u_j)")
+
+
+# ----------------------------------------------------------------------------- notebook 05
+def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
+    """``fn(shared, vectors, w [T])`` -> ``{k: shared[k] + sum_t w[t] * vectors[t][k]}``."""
+    shared = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0])}
+    vectors = [
+        {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([2.0])},
+        {"w": torch.tensor([0.0, -1.0]), "b": torch.tensor([4.0])},
+    ]
+    w = torch.tensor([0.75, 0.25])
+    got = fn(shared, vectors, w)
+    if not isinstance(got, Mapping) or set(got) != {"w", "b"}:
+        raise ExerciseError("return a state dict with the same keys as `shared`")
+    flat = torch.cat([_tensor(got["w"], "merged 'w'"), _tensor(got["b"], "merged 'b'")])
+    _diagnose(
+        flat,
+        [1.75, 0.75, 2.5],
+        {
+            "add the weighted twin vectors to the shared expert": [0.75, -0.25, 2.5],
+            "weight task t's vector by w[t] (you swapped the weights)": [1.25, 0.25, 3.5],
+            "use the weights as given (they already sum to 1), do not average again": [
+                1.375,
+                0.875,
+                1.25,
+            ],
+        },
+        "merge_with_weights",
+    )
+    return _ok("merged = shared + sum_t w_t v_t")
+
+
+def check_low_rank(fn: Callable[[Tensor, int], tuple[Tensor, Tensor]]) -> bool:
+    """``fn(matrix, rank)`` -> factors (A [m, r], B [r, n]) with A @ B the best rank-r approx."""
+    g = torch.Generator().manual_seed(0)
+    mat = torch.randn(6, 5, generator=g)
+    out = fn(mat.clone(), 2)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ExerciseError("return the two factors (A, B) so that A @ B approximates the matrix")
+    a, b = _tensor(out[0], "factor A"), _tensor(out[1], "factor B")
+    if a.shape != (6, 2) or b.shape != (2, 5):
+        raise ExerciseError(
+            f"for a 6x5 matrix and rank 2, A is 6x2 and B is 2x5; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    best = (u[:, :2] * s[:2]) @ vh[:2]
+    smallest = (u[:, -2:] * s[-2:]) @ vh[-2:]
+    _diagnose(
+        a @ b,
+        best,
+        {
+            "keep the *largest* singular values (torch.linalg.svd sorts them in descending order)": smallest,
+            "scale by the singular values: A = U_r * S_r (or put S_r into B)": u[:, :2] @ vh[:2],
+        },
+        "low-rank approximation",
+    )
+    return _ok("A @ B is the best rank-r approximation (Eckart-Young)")

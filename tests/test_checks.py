@@ -1,0 +1,150 @@
+"""The exercise checkers accept the reference answer and name the typical mistakes."""
+
+import pytest
+import torch
+
+from course_lib import checks
+from course_lib.merging.pcb import inter_balance, intra_balance
+from course_lib.merging.ties import disjoint_merge, elect, trim
+
+
+def wrong(check, fn, match):
+    with pytest.raises(checks.ExerciseError, match=match):
+        check(fn)
+
+
+def test_normalized_accuracy():
+    assert checks.check_normalized_accuracy(lambda a, e: {t: 100 * a[t] / e[t] for t in a})
+    wrong(checks.check_normalized_accuracy, lambda a, e: {t: a[t] / e[t] for t in a}, "percent")
+    wrong(
+        checks.check_normalized_accuracy,
+        lambda a, e: {t: 100 * e[t] / a[t] for t in a},
+        "not the other way",
+    )
+    wrong(checks.check_normalized_accuracy, lambda a, e: [1, 2], "one entry per task")
+
+
+def test_task_vector():
+    ok = lambda p, f: {k: f[k] - p[k] for k in p if p[k].is_floating_point()}  # noqa: E731
+    assert checks.check_task_vector(ok)
+    wrong(checks.check_task_vector, lambda p, f: {k: f[k] - p[k] for k in p}, "integer buffers")
+    wrong(
+        checks.check_task_vector,
+        lambda p, f: {k: p[k] - f[k] for k in p if p[k].is_floating_point()},
+        "not pretrained - finetuned",
+    )
+
+    def in_place(p, f):
+        return {k: f[k].sub_(p[k]) for k in p if p[k].is_floating_point()}
+
+    wrong(checks.check_task_vector, in_place, "in place")
+    with pytest.raises(NotImplementedError):  # an open exercise is not caught
+        checks.check_task_vector(lambda p, f: (_ for _ in ()).throw(NotImplementedError()))
+
+
+def test_cosine():
+    def ok(a, b):
+        x = torch.cat([a[k].flatten() for k in a])
+        y = torch.cat([b[k].flatten() for k in b])
+        return float(x @ y / (x.norm() * y.norm()))
+
+    def per_tensor(a, b):
+        return sum(float(torch.nn.functional.cosine_similarity(a[k], b[k], 0)) for k in a) / len(a)
+
+    assert checks.check_cosine(ok)
+    wrong(checks.check_cosine, per_tensor, "concatenation")
+
+
+def test_conflict_rate():
+    def ok(t):
+        return float(((t > 0).any(0) & (t < 0).any(0)).float().mean())
+
+    def zeros_count(t):
+        return float(((t >= 0).any(0) & (t < 0).any(0)).float().mean())
+
+    assert checks.check_conflict_rate(ok)
+    wrong(checks.check_conflict_rate, zeros_count, "zeros have no sign")
+    wrong(checks.check_conflict_rate, lambda t: 100 * ok(t), "expected")
+
+
+def test_top_mass_share():
+    def ok(t, f):
+        sq = t.square().sort(descending=True).values
+        return float(sq[: int(f * t.numel())].sum() / sq.sum())
+
+    def signed(t, f):
+        v = t.sort(descending=True).values
+        return float(v[: int(f * t.numel())].square().sum() / t.square().sum())
+
+    assert checks.check_top_mass_share(ok)
+    wrong(checks.check_top_mass_share, signed, "magnitude")
+
+
+def test_trim_and_its_mistakes():
+    assert checks.check_trim(trim)
+
+    def bottom(t, d):
+        k = int(d * t.shape[1])
+        return t * (t.abs() <= t.abs().kthvalue(k, dim=1, keepdim=True).values)
+
+    def plus_one(t, d):
+        k = int(d * t.shape[1]) + 1
+        return t * (t.abs() >= t.abs().kthvalue(t.shape[1] - k + 1, dim=1, keepdim=True).values)
+
+    wrong(checks.check_trim, bottom, "smallest")
+    wrong(checks.check_trim, plus_one, "off by one")
+    wrong(checks.check_trim, lambda t, d: (trim(t, d) != 0).float(), "mask")
+
+
+def test_elect_and_count_vote():
+    assert checks.check_elect(lambda t: elect(t, zero_sign=0.0))
+    wrong(checks.check_elect, lambda t: ((t > 0).sum(0) - (t < 0).sum(0)).sign().float(), "by mass")
+
+
+def test_disjoint_mean_and_its_mistakes():
+    assert checks.check_disjoint_mean(lambda t, g: disjoint_merge(t, g, "mean"))
+    wrong(checks.check_disjoint_mean, lambda t, g: disjoint_merge(t, g, "sum"), "disjoint sum")
+
+    def over_t(t, g):
+        agree = (t.sign() == g) & (t != 0)
+        return (t * agree).sum(0) / t.shape[0]
+
+    wrong(checks.check_disjoint_mean, over_t, "not by T")
+
+
+def test_pcb_balances():
+    assert checks.check_intra_balance(intra_balance)
+    wrong(checks.check_intra_balance, lambda m: torch.exp(m**2), "number of tasks")
+    ok = lambda u: torch.stack([torch.tanh(u[i] * u).sum(0) for i in range(u.shape[0])])  # noqa: E731
+    assert checks.check_inter_balance(ok)
+    wrong(
+        checks.check_inter_balance,
+        lambda u: ok(u) - torch.tanh(u * u),
+        "includes j = i",
+    )
+    # the reference helper itself agrees with the hand formula
+    u = torch.tensor([[0.5, -1.0], [1.0, 0.5]])
+    assert torch.allclose(inter_balance(u, u.abs()), ok(u), atol=1e-6)
+
+
+def test_merge_with_weights_and_low_rank():
+    def ok(shared, vectors, w):
+        return {k: shared[k] + sum(w[t] * v[k] for t, v in enumerate(vectors)) for k in shared}
+
+    assert checks.check_merge_with_weights(ok)
+    wrong(
+        checks.check_merge_with_weights,
+        lambda s, vs, w: {k: sum(w[t] * v[k] for t, v in enumerate(vs)) for k in s},
+        "add the weighted twin vectors",
+    )
+
+    def svd(mat, r):
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        return u[:, :r] * s[:r], vh[:r]
+
+    def unscaled(mat, r):
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        return u[:, :r], vh[:r]
+
+    assert checks.check_low_rank(svd)
+    wrong(checks.check_low_rank, unscaled, "singular values")

@@ -1,0 +1,65 @@
+"""Execute the course notebooks headless (nbclient), in order.
+
+By default the executed copies go to ``build/notebooks/`` and the committed notebooks are left
+alone (what ``make course`` does). ``--inplace`` refreshes the outputs stored in
+``notebooks/`` (what an author does before committing a change to a notebook).
+
+Usage::
+
+    python tools/run_notebooks.py                       # all solution notebooks -> build/
+    python tools/run_notebooks.py 03 04 --inplace       # refresh notebooks 03 and 04
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def execute(path: Path, target: Path, timeout: int = 900) -> float:
+    """Run one notebook with its folder as working directory; write it to ``target``."""
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
+    seconds = time.perf_counter() - t0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("only", nargs="*", help="notebook number prefixes, e.g. 00 03 (default: all)")
+    ap.add_argument("--inplace", action="store_true", help="overwrite notebooks/ with the outputs")
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the stored outputs
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        paths = [p for p in paths if any(p.name.startswith(o) for o in args.only)]
+    if not paths:
+        print("no notebook selected", file=sys.stderr)
+        return 1
+    for path in paths:
+        target = path if args.inplace else args.out / path.name
+        seconds = execute(path, target)
+        print(f"{path.name}: {seconds:.0f} s -> {target.relative_to(ROOT)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
