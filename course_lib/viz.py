@@ -126,7 +126,7 @@ def tensor_steps(steps: Mapping[str, object], title: str = "") -> Figure:
     vmax = max(float(np.abs(a).max()) for a in arrays.values()) or 1.0
     for ax, (name, a) in zip(axes[0], arrays.items(), strict=True):
         sns.heatmap(
-            a, annot=True, fmt=".1f", cmap="RdBu_r", vmin=-vmax, vmax=vmax, cbar=False, ax=ax,
+            a, annot=True, fmt=".2g", cmap="RdBu_r", vmin=-vmax, vmax=vmax, cbar=False, ax=ax,
             annot_kws={"fontsize": 8}, xticklabels=False,
             yticklabels=[f"task {i}" for i in range(a.shape[0])] if a.shape[0] > 1 else False,
         )  # fmt: skip
