@@ -127,10 +127,10 @@ def _refine(
                 if is_max[j]:
                     torch.maximum(row_max, x.amax(dim=1), out=row_max)
                     continue
-                n_below, inside = work.split(x, lo[:, j : j + 1], hi[:, j : j + 1])
+                n_below, cols, inside = work.split(x, lo[:, j : j + 1], hi[:, j : j + 1])
                 below[:, j] += n_below
-                kept[j].append(inside[inside == inside])  # drop the NaN padding
-                counts[j].append((inside == inside).sum(dim=1))
+                kept[j].append(cols[inside])  # row-major: row t's values, then row t+1's
+                counts[j].append(inside.sum(dim=1))
     out = torch.full((rows, per_row), float("nan"))
     for j in range(per_row):
         if is_max[j]:
@@ -161,8 +161,9 @@ class _Counter:
     def __init__(self, rows: int):
         self.rows, self.cols = rows, 0
 
-    def split(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (count of x < lo per row [T], in-bracket values [T, k] padded with NaN)."""
+    def split(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (count of x < lo per row [T], the candidate columns of x [T, k], and the mask
+        [T, k] of their entries inside [lo, hi])."""
         m = x.shape[1]
         if m > self.cols:
             self.cols = max(m, CHUNK)
@@ -176,8 +177,7 @@ class _Counter:
         torch.minimum(d, torch.sub(hi, x, out=e), out=d)  # >= 0 exactly inside [lo, hi]
         cols = (d.amax(dim=0) >= 0).nonzero().squeeze(1)
         sub = x[:, cols]
-        inside = (sub >= lo) & (sub <= hi)
-        return n_below, torch.where(inside, sub, float("nan"))
+        return n_below, sub, (sub >= lo) & (sub <= hi)
 
 
 def kth_largest_count(numel: int, fraction: float) -> int:
