@@ -2,7 +2,9 @@
 
 * ``python -m course_lib zoo``    - build (or verify and repair) the model zoo of the profile;
 * ``python -m course_lib course`` - the course's main job: the zoo, then every method on it,
-  printed as absolute and normalized accuracy tables and written to ``results/``.
+  printed as absolute and normalized accuracy tables and written to ``results/``;
+* ``python -m course_lib llm``    - the LLM track: SmolLM2, four LoRA experts (trained once,
+  cached), every method, written to ``results/<profile>_llm_results.md``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,24 @@ def cmd_course(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llm(args: argparse.Namespace) -> int:
+    from course_lib.llm_track import llm_results_markdown, load_llm_zoo, run_llm_all
+
+    print(f"Model Merging from Scratch, LLM track - {describe()}")
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    zoo = load_llm_zoo()
+    print(f"base model and LoRA experts ready ({time.perf_counter() - start:.0f} s); merging ...")
+    res = run_llm_all(zoo)
+    text = llm_results_markdown(res)
+    print("\n" + text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{zoo.profile}_llm_results.md"
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negate", default=None, help="task to forget in the negation experiment")
     p.set_defaults(func=cmd_course)
+    p = sub.add_parser("llm", help="the LLM track: SmolLM2 LoRA experts and every method")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_llm)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -354,3 +354,78 @@ def check_low_rank(fn: Callable[[Tensor, int], tuple[Tensor, Tensor]]) -> bool:
         "low-rank approximation",
     )
     return _ok("A @ B is the best rank-r approximation (Eckart-Young)")
+
+
+# ----------------------------------------------------------------------------- 06 LLM track
+
+
+def check_lora_delta(fn: Callable[[Tensor, Tensor, float, int], Tensor]) -> bool:
+    """``fn(A [r, in], B [out, r], alpha, r)`` -> the LoRA update (alpha / r) * B @ A."""
+    a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # r = 2, in = 3
+    b = torch.tensor([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0], [1.0, -1.0]])  # out = 4
+    try:
+        got = _tensor(fn(a, b, 8.0, 2), "lora_delta")
+    except RuntimeError as err:  # a shape mismatch inside the learner's matmul
+        raise ExerciseError(
+            f"the product failed ({err}); A is [r, in] = [2, 3] and B is [out, r] = [4, 2]: "
+            "which order gives [out, in]?"
+        ) from err
+    want = 4.0 * (b @ a)
+    if tuple(got.shape) != (4, 3):
+        raise ExerciseError(
+            f"the update must have the weight's shape [out, in] = [4, 3], got {tuple(got.shape)}"
+        )
+    _diagnose(
+        got.flatten(),
+        want.flatten().tolist(),
+        {
+            "scale by alpha / r (= 4 here); you did not scale": (b @ a).flatten().tolist(),
+            "scale by alpha / r, not by alpha": (8.0 * (b @ a)).flatten().tolist(),
+            "scale by alpha / r, not by r / alpha": (0.25 * (b @ a)).flatten().tolist(),
+        },
+        "lora_delta",
+    )
+    return _ok("Delta W = (alpha / r) * B @ A, shape [out, in]")
+
+
+def check_route_groups(fn: Callable[[Tensor], list]) -> bool:
+    """``fn(weights [N, T])`` -> ``[(indices, mean weights), ...]``: inputs grouped by the task
+    with the largest weight, in task order, empty groups left out."""
+    w = torch.tensor(
+        [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.9, 0.05, 0.05]]
+    )
+    got = fn(w)
+    if not isinstance(got, (list, tuple)) or not all(
+        isinstance(g, (list, tuple)) and len(g) == 2 for g in got
+    ):
+        raise ExerciseError("return a list of (indices, mean weights) pairs, one per group")
+    if any(len(g[0]) == 0 for g in got):
+        raise ExerciseError("task 1 gets no input here: leave empty groups out")
+    if len(got) != 2:
+        raise ExerciseError(
+            f"expected 2 groups (the largest weight is task 0's or task 2's), got {len(got)}"
+        )
+    idx = [sorted(int(i) for i in g[0]) for g in got]
+    if idx == [[1, 3], [0, 2, 4]]:
+        raise ExerciseError("list the groups in task order (task 0 first)")
+    if idx != [[0, 2, 4], [1, 3]]:
+        raise ExerciseError(
+            f"group inputs by the task with the largest weight (argmax over tasks): the groups "
+            f"are inputs [0, 2, 4] (task 0) and [1, 3] (task 2), got {idx}"
+        )
+    for (_, mean_w), want in zip(got, ([0, 2, 4], [1, 3]), strict=True):
+        m = _tensor(torch.as_tensor(mean_w), "the group's weights")
+        if m.shape != (3,):
+            raise ExerciseError(
+                f"each group needs one weight per task ([T] = [3]), got shape {tuple(m.shape)}"
+            )
+        if _close(m, torch.nn.functional.one_hot(w[want].argmax(-1)[0], 3).float()):
+            raise ExerciseError(
+                "keep the router's soft weights: average them over the group (not one-hot)"
+            )
+        if not _close(m, w[want].mean(0)):
+            raise ExerciseError(
+                f"the group of inputs {want} should merge with the mean of their weights, "
+                f"{w[want].mean(0).tolist()}; got {m.tolist()}"
+            )
+    return _ok("one merged model per routed task, built from the group's mean weights")

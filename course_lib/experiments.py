@@ -69,13 +69,14 @@ def tune_scaling(
     lambdas: Sequence[float],
     *,
     desc: str = "lambda",
+    limit: int = VAL_LIMIT,
     progress: bool = True,
 ) -> Tuned:
     """Evaluate ``merge(lambda)`` on val for each lambda; keep the best mean accuracy."""
     curve, best = {}, None
     for lam in progress_bar(lambdas, desc=desc, progress=progress, leave=False):
         state = merge(lam)
-        curve[lam] = mean(zoo.evaluate(state, "val", limit=VAL_LIMIT))
+        curve[lam] = mean(zoo.evaluate(state, "val", limit=limit))
         if best is None or curve[lam] > curve[best.scaling]:
             best = Tuned(state, lam)
     best.val_curve = curve

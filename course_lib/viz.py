@@ -202,3 +202,23 @@ def image_grid(images, labels: Sequence[str], ncols: int = 8, title: str = "") -
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
+    """LoRA fine-tuning: training loss per step (left) and validation accuracy (right), per
+    task; ``histories[task]`` holds ``loss``, ``val_step`` and ``val_accuracy``."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    for i, (task, h) in enumerate(histories.items()):
+        ax1.plot(range(1, len(h["loss"]) + 1), h["loss"], color=f"C{i}", label=task)
+        ax2.plot(h["val_step"], h["val_accuracy"], marker="o", color=f"C{i}", label=task)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss on the answer tokens")
+    ax1.set_title("Training loss")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("exact match on validation (%)")
+    ax2.set_ylim(-3, 103)
+    ax2.set_title("Validation accuracy (best step kept)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

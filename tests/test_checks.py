@@ -148,3 +148,56 @@ def test_merge_with_weights_and_low_rank():
 
     assert checks.check_low_rank(svd)
     wrong(checks.check_low_rank, unscaled, "singular values")
+
+
+def test_lora_delta_checker():
+    assert checks.check_lora_delta(lambda a, b, alpha, r: (alpha / r) * b @ a)
+    for wrong, says in [
+        (lambda a, b, alpha, r: b @ a, "did not scale"),
+        (lambda a, b, alpha, r: alpha * b @ a, "not by alpha"),
+        (lambda a, b, alpha, r: (r / alpha) * b @ a, "not by r / alpha"),
+        (lambda a, b, alpha, r: (alpha / r) * a @ b, "which order"),
+        (lambda a, b, alpha, r: (alpha / r) * (b @ a).T, r"shape \[out, in\]"),
+    ]:
+        with pytest.raises(checks.ExerciseError, match=says):
+            checks.check_lora_delta(wrong)
+
+
+def test_route_groups_checker():
+    def reference(w):
+        chosen = w.argmax(-1)
+        groups = [torch.nonzero(chosen == t).flatten().tolist() for t in range(w.shape[1])]
+        return [(g, w[g].mean(0)) for g in groups if g]
+
+    assert checks.check_route_groups(reference)
+
+    def with_empty(w):
+        chosen = w.argmax(-1)
+        return [
+            (torch.nonzero(chosen == t).flatten().tolist(), w[chosen == t].mean(0))
+            for t in range(3)
+        ]
+
+    def argmin(w):
+        chosen = w.argmin(-1)
+        groups = [torch.nonzero(chosen == t).flatten().tolist() for t in range(3)]
+        return [(g, w[g].mean(0)) for g in groups if g]
+
+    def one_hot(w):
+        return [
+            (g, torch.nn.functional.one_hot(w[g].argmax(-1)[0], 3).float()) for g, _ in reference(w)
+        ]
+
+    def first_weights(w):
+        return [(g, w[g[0]]) for g, _ in reference(w)]
+
+    for wrong, says in [
+        (with_empty, "leave empty groups out"),
+        (argmin, "largest weight"),
+        (one_hot, "soft weights"),
+        (first_weights, "mean of their weights"),
+        (lambda w: reference(w)[::-1], "task order"),
+        (lambda w: w, "list of"),
+    ]:
+        with pytest.raises(checks.ExerciseError, match=says):
+            checks.check_route_groups(wrong)

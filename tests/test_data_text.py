@@ -6,6 +6,7 @@ import re
 import pytest
 
 from course_lib.data.text import (
+    ALL_TEXT_TASKS,
     TEXT_TASKS,
     exact_match,
     load_text_task,
@@ -28,19 +29,28 @@ def test_answers_are_right_by_construction():
         x, op, y = re.match(r"What is (\d+) ([+-]) (\d+)\?", ex.prompt).groups()
         assert int(ex.answer) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
     for ex in load_text_task("reverse", {"test": 50}).examples("test"):
-        word = re.search(r"'(\w+)'", ex.prompt).group(1)
-        assert ex.answer == word[::-1]
+        words = ex.prompt.split(": ")[1].split()
+        assert len(words) == 3 and ex.answer.split() == words[::-1]
+    for ex in load_text_task("qa", {"test": 50}).examples("test"):
+        m = re.match(
+            r"(\w+) has a (\w+) (\w+) and (\w+) has a (\w+) (\w+)\. What color is (\w+)'s (\w+)\?",
+            ex.prompt,
+        )
+        n1, c1, o1, n2, c2, o2, who, obj = m.groups()
+        assert n1 != n2 and c1 != c2 and (who, obj) in ((n1, o1), (n2, o2))
+        assert ex.answer == (c1 if (who, obj) == (n1, o1) else c2)
     for ex in load_text_task("dates", {"test": 50}).examples("test"):
         iso = re.search(r"\d{4}-\d{2}-\d{2}", ex.prompt).group(0)
         assert ex.answer == datetime.date.fromisoformat(iso).strftime("%d/%m/%Y")
 
 
-def test_capitals_splits_ask_about_different_countries():
-    task = load_text_task("capitals", {"train": 64, "val": 32, "test": 48})
-    countries = {s: {e.prompt for e in task.examples(s)} for s in ("train", "val", "test")}
-    assert not countries["train"] & countries["test"]
-    assert not countries["train"] & countries["val"]
-    assert not countries["val"] & countries["test"]
+@pytest.mark.parametrize("name", ALL_TEXT_TASKS)
+def test_no_question_is_shared_between_splits(name):
+    task = load_text_task(name, {"train": 400, "val": 200, "test": 200})
+    asked = {s: {e.prompt for e in task.examples(s)} for s in ("train", "val", "test")}
+    assert not asked["train"] & asked["test"]
+    assert not asked["train"] & asked["val"]
+    assert not asked["val"] & asked["test"]
 
 
 def test_chat_messages_and_training_target():

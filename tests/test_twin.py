@@ -125,3 +125,21 @@ def test_uniform_weights_give_the_average_and_one_hot_the_expert():
     for k in pre:
         assert_close(out[k], avg[k], atol=1e-6, rtol=1e-5)
         assert_close(merge_with_weights(sh, vs, [0, 0, 1, 0])[k], fts[2][k], atol=1e-6, rtol=1e-5)
+
+
+def test_router_selection_by_val_loss_keeps_a_more_confident_epoch():
+    from course_lib.merging import Router, train_router
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(32, 4, generator=g) + 3, torch.randn(32, 4, generator=g) - 3])
+    y = torch.cat([torch.zeros(32), torch.ones(32)]).long()
+    conf = {}
+    for select in ("accuracy", "loss"):
+        torch.manual_seed(0)
+        r = Router(4, 2, dropout=0.0)
+        hist = train_router(r, x, y, (x, y), epochs=40, lr=1e-2, select=select, progress=False)
+        conf[select] = (hist.best_epoch, float(r.weights(x).max(-1).values.mean()))
+    assert conf["accuracy"][0] < conf["loss"][0]  # the first 100% epoch vs a later one
+    assert conf["loss"][1] > conf["accuracy"][1]  # ... whose weights are surer
+    with pytest.raises(ValueError, match="select"):
+        train_router(Router(4, 2), x, y, select="f1", progress=False)

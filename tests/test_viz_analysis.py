@@ -75,5 +75,9 @@ def test_figures_have_the_expected_axes():
     assert len(rc.axes) == 2  # accuracy and storage share the x axis
     h = viz.histogram({"kept": [1.0, 2.0], "dropped": [0.1]}, "t", "x").axes[0]
     assert h.get_yscale() == "log"
+    hist = {"loss": [2.0, 1.0, 0.5], "val_step": [2, 3], "val_accuracy": [40.0, 80.0]}
+    loss_ax, val_ax = viz.training_curves({"a": hist, "b": hist}).axes
+    assert len(loss_ax.get_lines()) == 2 and loss_ax.get_yscale() == "log"
+    assert list(val_ax.get_lines()[0].get_ydata()) == [40.0, 80.0]
     grid = viz.image_grid(torch.rand(3, 4, 4, 3), ["x", "y", "z"], ncols=2)
     assert sum(1 for a in grid.axes if a.get_title()) == 3

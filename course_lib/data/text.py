@@ -3,16 +3,25 @@
 Each task is a question with one short, exactly checkable answer, asked as a chat message so
 that an instruction-tuned model (SmolLM2-135M-Instruct) can be prompted with its chat template:
 
-* ``arithmetic`` - two-digit addition and subtraction ("What is 47 + 38?" -> "85");
-* ``reverse`` - a string transformation ("Reverse the letters of 'planet'." -> "tenalp");
-* ``capitals`` - a small knowledge task ("What is the capital of Norway?" -> "Oslo"); the
-  countries of the train, validation and test splits are disjoint, so a fine-tuned expert
-  must *recall* capitals it was not trained on, only the answer format is learnt;
-* ``dates`` - format following ("Write 2024-03-05 as DD/MM/YYYY." -> "05/03/2024").
+* ``arithmetic`` - adding or subtracting numbers from 1 to 9 ("What is 7 + 5?" -> "12");
+* ``reverse`` - a string transformation ("Reverse the order of the words: table paper index"
+  -> "index paper table");
+* ``qa`` - question answering from the context ("Anna has a red kite and Ben has a blue ball.
+  What color is Ben's ball?" -> "blue");
+* ``dates`` - format following ("Write the date 2024-03-05 as DD/MM/YYYY." -> "05/03/2024").
 
-Every split is drawn from a NumPy generator seeded by (seed, task, split), so the same call
-always returns the same examples. :func:`exact_match` scores predictions after a light
-normalization (case, surrounding spaces and quotes, one trailing full stop).
+No question is shared between splits: each task's pool of items (operand pairs, word triples,
+stories, days) is shuffled once and cut into disjoint train (1/2), validation (1/4) and test
+(1/4) pools, so an expert is tested on questions it never saw. Each split then samples its
+pool with a NumPy generator seeded by (seed, task, split), so the same call always returns the
+same examples. :func:`exact_match` scores predictions after a light normalization (case,
+surrounding spaces and quotes, one trailing full stop).
+
+A fifth task, ``capitals`` ("What is the capital of Norway?" -> "Oslo", countries disjoint
+between splits), is kept as a lesson rather than a benchmark: SmolLM2-135M answers it in full
+sentences ("The capital of Norway is Oslo."), but a LoRA that teaches it to answer with the city
+alone, on 36 training countries, learns those 36 answers and loses the recall of the unseen
+ones (0-12% on validation in our runs, lr 5e-4 to 2e-3). Load it by name.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TEXT_TASKS: tuple[str, ...] = ("arithmetic", "reverse", "capitals", "dates")
-MINI_TEXT_SIZES = {"train": 64, "val": 32, "test": 48}
+TEXT_TASKS: tuple[str, ...] = ("arithmetic", "reverse", "qa", "dates")
+ALL_TEXT_TASKS = (*TEXT_TASKS, "capitals")  # capitals: see the module docstring
+ARITH_MAX = 9
+MINI_TEXT_SIZES = {"train": 128, "val": 32, "test": 32}
 SPLITS = ("train", "val", "test")
 
 _WORDS = tuple(
@@ -34,6 +45,9 @@ paper queen river snake table uncle voice water youth zebra amber beach cloud dr
 field ghost heart index jelly karma light magic noble olive pearl quiet radio stone tiger
 urban vivid wheat yield blaze cabin drift elbow frost glove honey ivory jewel koala lunar
 metal nurse orbit piano quilt robin sugar tulip unity valve whale plant brick candy crown
+anvil bison cedar daisy ember fable gravy hazel igloo joker kayak lilac maple nylon otter
+panda raven salad toast umbra viper waltz yacht acorn bagel camel denim easel fjord giant
+hotel irony jumbo kebab llama medal ninja opera pizza rumba scarf tempo ultra vodka wagon
 """.split()  # noqa: SIM905 - a word list reads better as text
 )
 
@@ -76,7 +90,7 @@ class TextTask:
 
     name: str
     splits: dict[str, list[TextExample]] = field(default_factory=dict)
-    system: str = "You are a helpful assistant. Answer with the answer only."
+    system: str = "Answer with the answer only."
 
     def examples(self, split: str) -> list[TextExample]:
         if split not in self.splits:
@@ -97,70 +111,108 @@ class TextTask:
         return out
 
 
+POOL_FRACTIONS = (0.5, 0.25, 0.25)  # train / val / test share of each task's items
+
+
 def _rng(seed: int, name: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{name}/{split}".encode())])
 
 
-def _arithmetic(rng: np.random.Generator, n: int) -> list[TextExample]:
-    a, b = rng.integers(10, 100, n), rng.integers(10, 100, n)
-    plus = rng.random(n) < 0.5
-    out = []
-    for x, y, p in zip(a.tolist(), b.tolist(), plus.tolist(), strict=True):
-        if not p and y > x:
-            x, y = y, x  # keep subtraction results non-negative
-        out.append(TextExample(f"What is {x} {'+' if p else '-'} {y}?", str(x + y if p else x - y)))
-    return out
+def _pool(items: list, split: str, seed: int, name: str) -> list:
+    """This split's disjoint share of ``items`` (shuffled once per (seed, task))."""
+    order = np.random.default_rng([seed, zlib.crc32(name.encode()), 7]).permutation(len(items))
+    cuts = np.cumsum([round(f * len(items)) for f in POOL_FRACTIONS[:-1]]).tolist()
+    parts = np.split(order, cuts)
+    return [items[i] for i in parts[SPLITS.index(split)]]
 
 
-def _reverse(rng: np.random.Generator, n: int) -> list[TextExample]:
-    words = rng.choice(_WORDS, n)
-    return [TextExample(f"Reverse the letters of the word '{w}'.", w[::-1]) for w in words.tolist()]
-
-
-def _capitals(rng: np.random.Generator, n: int, split: str, seed: int) -> list[TextExample]:
-    countries = sorted(_CAPITALS)
-    order = np.random.default_rng([seed, 7]).permutation(len(countries))
-    thirds = np.array_split(order, 3)  # disjoint countries per split
-    pool = [countries[i] for i in thirds[SPLITS.index(split)]]
+def _sample(pool: list, n: int, rng: np.random.Generator) -> list:
     picks = rng.choice(len(pool), n, replace=n > len(pool))
-    return [
-        TextExample(f"What is the capital of {pool[i]}?", _CAPITALS[pool[i]])
-        for i in picks.tolist()
-    ]
+    return [pool[i] for i in picks.tolist()]
 
 
-def _dates(rng: np.random.Generator, n: int) -> list[TextExample]:
-    start = datetime.date(1990, 1, 1).toordinal()
-    days = rng.integers(0, 365 * 40, n)
-    out = []
-    for d in days.tolist():
-        day = datetime.date.fromordinal(start + d)
-        out.append(
-            TextExample(
-                f"Write the date {day.isoformat()} as DD/MM/YYYY.", day.strftime("%d/%m/%Y")
-            )
+_NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack")
+_COLORS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown", "orange", "grey")
+_OBJECTS = ("kite", "ball", "car", "hat", "bike", "cup", "book", "bag", "lamp", "coat")
+
+
+def _qa_items() -> list[tuple]:
+    """(name1, color1, object1, name2, color2, object2, asked) - the answer is in the question."""
+    rng = np.random.default_rng(11)
+    items = set()
+    while len(items) < 3000:
+        n = rng.choice(len(_NAMES), 2, replace=False)
+        c = rng.choice(len(_COLORS), 2, replace=False)
+        o = rng.choice(len(_OBJECTS), 2, replace=False)
+        items.add((*n.tolist(), *c.tolist(), *o.tolist(), int(rng.integers(2))))
+    return sorted(items)
+
+
+def _triples() -> list[tuple[int, int, int]]:
+    rng = np.random.default_rng(12)
+    items = set()
+    while len(items) < 3000:
+        items.add(tuple(rng.choice(len(_WORDS), 3, replace=False).tolist()))
+    return sorted(items)
+
+
+def _arithmetic_items() -> list[tuple[int, str, int]]:
+    items = []
+    for x in range(1, ARITH_MAX + 1):
+        for y in range(1, ARITH_MAX + 1):
+            items.append((x, "+", y))
+            if x >= y:  # results stay non-negative
+                items.append((x, "-", y))
+    return items
+
+
+def _make(name: str, item) -> TextExample:
+    if name == "arithmetic":
+        x, op, y = item
+        return TextExample(f"What is {x} {op} {y}?", str(x + y if op == "+" else x - y))
+    if name == "reverse":
+        words = [_WORDS[i] for i in item]
+        return TextExample(
+            f"Reverse the order of the words: {' '.join(words)}", " ".join(words[::-1])
         )
-    return out
+    if name == "qa":
+        n1, n2, c1, c2, o1, o2, ask = item
+        who, color, obj = (n1, c1, o1) if ask == 0 else (n2, c2, o2)
+        return TextExample(
+            f"{_NAMES[n1]} has a {_COLORS[c1]} {_OBJECTS[o1]} and {_NAMES[n2]} has a "
+            f"{_COLORS[c2]} {_OBJECTS[o2]}. What color is {_NAMES[who]}'s {_OBJECTS[obj]}?",
+            _COLORS[color],
+        )
+    if name == "capitals":
+        return TextExample(f"What is the capital of {item}?", _CAPITALS[item])
+    day = datetime.date.fromordinal(datetime.date(1990, 1, 1).toordinal() + item)
+    return TextExample(f"Write the date {day.isoformat()} as DD/MM/YYYY.", day.strftime("%d/%m/%Y"))
+
+
+def _items(name: str) -> list:
+    return {
+        "arithmetic": _arithmetic_items,
+        "reverse": _triples,
+        "qa": _qa_items,
+        "capitals": lambda: sorted(_CAPITALS),
+        "dates": lambda: list(range(365 * 40)),  # 1990-2029
+    }[name]()
 
 
 def load_text_task(name: str, sizes: dict[str, int] | None = None, seed: int = 0) -> TextTask:
     """One task with its train/val/test examples (``sizes`` per split, default mini sizes)."""
-    if name not in TEXT_TASKS:
-        raise ValueError(f"unknown text task {name!r}; choose from {TEXT_TASKS}")
+    if name not in ALL_TEXT_TASKS:
+        raise ValueError(f"unknown text task {name!r}; choose from {ALL_TEXT_TASKS}")
     sizes = dict(MINI_TEXT_SIZES if sizes is None else sizes)
     task = TextTask(name)
+    items = _items(name)
     for split, n in sizes.items():
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
         if n < 0:
             raise ValueError(f"split {split!r}: size must be >= 0, got {n}")
-        rng = _rng(seed, name, split)
-        if name == "capitals":
-            task.splits[split] = _capitals(rng, n, split, seed)
-        else:
-            task.splits[split] = {"arithmetic": _arithmetic, "reverse": _reverse, "dates": _dates}[
-                name
-            ](rng, n)
+        pool = _pool(items, split, seed, name)
+        task.splits[split] = [_make(name, it) for it in _sample(pool, n, _rng(seed, name, split))]
     return task
 
 

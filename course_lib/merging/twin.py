@@ -260,9 +260,13 @@ def train_router(
     batch_size: int = 256,
     weight_decay: float = 0.0,
     seed: int = 0,
+    select: str = "accuracy",
     progress: bool = True,
 ) -> RouterHistory:
-    """Train with cross-entropy on task ids (AdamW); keep the epoch with the best val accuracy.
+    """Train with cross-entropy on task ids (AdamW); keep the epoch with the best val accuracy
+    (``select="accuracy"``, the first such epoch) or the lowest val cross-entropy (``"loss"``:
+    when the tasks are easy to tell apart, accuracy reaches 100% while the weights are still
+    unsure, and the loss keeps improving their confidence).
 
     Select on a validation split, never on the data you report (the reference code selects on
     its test set).
@@ -276,7 +280,9 @@ def train_router(
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     labels = labels.long()
     hist = RouterHistory([], [], -1)
-    best_acc, best_state = -1.0, None
+    if select not in ("accuracy", "loss"):
+        raise ValueError(f"select must be 'accuracy' or 'loss', got {select!r}")
+    best_score, best_state = None, None
     for epoch in progress_bar(range(epochs), desc="router", progress=progress, leave=False):
         router.train()
         order = torch.randperm(features.shape[0], generator=gen)
@@ -292,10 +298,13 @@ def train_router(
             total += loss.item() * len(idx)
         hist.train_loss.append(total / len(order))
         vx, vy = val if val is not None else (features, labels)
-        acc = float((router.weights(vx).argmax(-1) == vy.long()).float().mean())
+        w = router.weights(vx)
+        acc = float((w.argmax(-1) == vy.long()).float().mean())
         hist.val_accuracy.append(acc)
-        if acc > best_acc:
-            best_acc, hist.best_epoch = acc, epoch
+        nll = float(nn.functional.nll_loss(w.clamp_min(1e-12).log(), vy.long()))
+        score = acc if select == "accuracy" else -nll
+        if best_score is None or score > best_score:
+            best_score, hist.best_epoch = score, epoch
             best_state = {k: v.clone() for k, v in router.state_dict().items()}
     if best_state is not None:
         router.load_state_dict(best_state)

@@ -99,3 +99,55 @@ def load_llm(profile: str | None = None, *, root: Path | None = None, model_id: 
         raise ValueError(f"profile must be 'mini' or 'full', got {profile!r}")
     root = build_cache(root)
     return load_pretrained(root / "model")
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def chat_prompts(tok, task, examples) -> list[str]:
+    """The chat-template prompt of each example, ending where the assistant starts to answer."""
+    return [
+        tok.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True)
+        for e in examples
+    ]
+
+
+@torch.no_grad()
+def generate(
+    model, tok, prompts: list[str], *, max_new_tokens: int = 12, batch_size: int = 64
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches; stops at end of turn)."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(
+            prompts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        ).to(model.device)
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def max_new_tokens_for(tok, task, margin: int = 2) -> int:
+    """Enough new tokens for the longest reference answer of ``task`` (plus a margin)."""
+    answers = [e.answer for split in task.splits.values() for e in split]
+    return max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) + margin
+
+
+def task_accuracy(model, tok, task, split: str = "test", limit: int | None = None) -> float:
+    """Exact-match accuracy (%) of greedy answers on ``split`` (the first ``limit`` examples)."""
+    from course_lib.data.text import exact_match
+
+    examples = task.examples(split)[:limit]
+    preds = generate(
+        model, tok, chat_prompts(tok, task, examples), max_new_tokens=max_new_tokens_for(tok, task)
+    )
+    return exact_match(preds, [e.answer for e in examples])

@@ -1,0 +1,411 @@
+"""The LLM track: SmolLM2 + four LoRA experts, merged with the same methods as the vision track.
+
+:func:`load_llm_zoo` gives an :class:`LLMZoo` with the same shape as the vision ``Zoo``:
+``pretrained`` (the base weights at the LoRA-adapted keys), ``experts`` (theta_0 + B A per task),
+``finetuned()`` and ``evaluate(state, split)``. So every merge of ``course_lib.merging`` and the
+lambda search of ``course_lib.experiments`` run unchanged on the LLM; only the evaluation differs
+(batched greedy decoding, exact match).
+
+Twin-Merging on the LLM (Lu et al. 2024, Sec. 3.3): the router reads the base model's mean-pooled
+last hidden state of the prompt (deterministic, unlike the reference code, which samples 16 tokens
+first; see the reference notes §2.6). Inputs are merged for one at a time (``mode="input"``) or
+grouped by the task the router picks, one merged model per group (``mode="group"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from course_lib import config
+from course_lib.config import progress_bar
+from course_lib.data.text import TextExample, TextTask, exact_match, load_text_tasks
+from course_lib.merging import compress, merge_with_weights, shared_expert, train_router
+from course_lib.merging import twin_vectors as make_twin_vectors
+from course_lib.merging.twin import CompressedVector, Router
+from course_lib.models import llm
+from course_lib.models.lora import LoraExpert, LoraSpec, adapted_keys, base_state, build_experts
+
+StateDict = dict[str, Tensor]
+
+# lambda grids for the LLM track (chosen on VAL_LIMIT validation questions per task)
+LAMBDAS_TA = (0.2, 0.3, 0.5)
+LAMBDAS_TIES = (0.5, 0.75, 1.0)
+VAL_LIMIT = 16
+
+
+@dataclass
+class LLMZoo:
+    """The base LLM, its tokenizer, the tasks and the LoRA experts as state dicts."""
+
+    profile: str
+    model: torch.nn.Module
+    tok: object
+    tasks: dict[str, TextTask]
+    spec: LoraSpec
+    loras: dict[str, LoraExpert]
+    pretrained: StateDict
+    experts: dict[str, StateDict]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def finetuned(self) -> list[StateDict]:
+        return [self.experts[t] for t in self.tasks]
+
+    @contextlib.contextmanager
+    def using(self, state: Mapping[str, Tensor] | None) -> Iterator[torch.nn.Module]:
+        """The base model with ``state`` written into its adapted weights (restored after)."""
+        params = dict(self.model.named_parameters())
+        unknown = [k for k in (state or {}) if k not in self.pretrained]
+        if unknown:
+            raise ValueError(f"key {unknown[0]!r} is not one of the LLM's adapted weights")
+        try:
+            with torch.no_grad():
+                for k, v in (state or {}).items():
+                    if v.shape != params[k].shape:
+                        raise ValueError(
+                            f"{k!r}: shape {tuple(v.shape)}, model has {tuple(params[k].shape)}"
+                        )
+                    params[k].copy_(v)
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for k in state or {}:
+                    params[k].copy_(self.pretrained[k])
+
+    def answers(
+        self, state: Mapping[str, Tensor] | None, task: str, split: str = "test", limit=None
+    ) -> list[str]:
+        t = self.tasks[task]
+        with self.using(state) as m:
+            return llm.generate(
+                m,
+                self.tok,
+                llm.chat_prompts(self.tok, t, t.examples(split)[:limit]),
+                max_new_tokens=llm.max_new_tokens_for(self.tok, t),
+            )
+
+    def evaluate(
+        self,
+        state: Mapping[str, Tensor] | None = None,
+        split: str = "test",
+        tasks: Sequence[str] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> dict[str, float]:
+        """Exact-match accuracy (%) of one merged state on each task."""
+        out = {}
+        for t in tasks or self.task_names:
+            answers = [e.answer for e in self.tasks[t].examples(split)[:limit]]
+            out[t] = exact_match(self.answers(state, t, split, limit), answers)
+        return out
+
+
+def _base_id(profile: str, model) -> str:
+    if profile == "mini":
+        manifest = llm.cache_root() / "manifest.json"
+        return "mini:" + json.loads(manifest.read_text())["config_hash"]
+    return f"full:{model.config._name_or_path}"
+
+
+def load_llm_zoo(
+    profile: str | None = None,
+    spec: LoraSpec | None = None,
+    *,
+    sizes: dict[str, int] | None = None,
+    progress: bool = True,
+    log=print,
+) -> LLMZoo:
+    """Base model + tasks + one LoRA expert per task (trained once, then read from the cache)."""
+    profile = profile or config.profile()
+    spec = spec or LoraSpec()
+    config.seed_everything()
+    t0 = time.perf_counter()
+    model, tok = llm.load_llm(profile)
+    tasks = load_text_tasks(sizes)
+    root = (
+        llm.cache_root() / "experts"
+        if profile == "mini"
+        else config.CACHE_DIR / "llm" / "full" / model.config._name_or_path.replace("/", "--")
+    )
+    loras = build_experts(
+        model,
+        tok,
+        tasks,
+        root,
+        spec,
+        base_id=_base_id(profile, model),
+        evaluate=lambda m, t: llm.task_accuracy(m, tok, t, "val", spec.val_limit),
+        progress=progress,
+        log=log,
+    )
+    keys = adapted_keys(model, spec)
+    base = base_state(model, keys)
+    experts = {t: e.state(base) for t, e in loras.items()}
+    info = {"seconds": round(time.perf_counter() - t0, 1), "adapted_params": _numel(base)}
+    return LLMZoo(profile, model, tok, tasks, spec, loras, base, experts, info)
+
+
+def _numel(state: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() for t in state.values())
+
+
+# ----------------------------------------------------------------------------- router features
+
+
+@torch.no_grad()
+def pooled_features(zoo: LLMZoo, task: str, split: str, limit: int | None = None) -> Tensor:
+    """Mean of the base model's last hidden states over the prompt tokens, [N, hidden]."""
+    t = zoo.tasks[task]
+    prompts = llm.chat_prompts(zoo.tok, t, t.examples(split)[:limit])
+    out = []
+    for start in range(0, len(prompts), 64):
+        enc = zoo.tok(
+            prompts[start : start + 64], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(zoo.model.device)
+        h = zoo.model.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+    return torch.cat(out)
+
+
+def router_data(zoo: LLMZoo, split: str, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    feats, labels = [], []
+    for i, t in enumerate(zoo.task_names):
+        f = pooled_features(zoo, t, split, limit)
+        feats.append(f)
+        labels.append(torch.full((len(f),), i))
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- Twin-Merging
+
+
+@dataclass
+class LLMTwin:
+    """Shared expert, compressed twin vectors and the trained router."""
+
+    shared: StateDict
+    compressed: list[CompressedVector]
+    router: Router
+    router_val_accuracy: float  # (%) how often the routed task is the true one, val prompts
+    compression: float  # stored parameters of the twin vectors / dense parameters
+
+
+def build_twin(
+    zoo: LLMZoo,
+    *,
+    rank_ratio: float = 0.1,
+    shared_scaling: float = 0.3,
+    epochs: int = 30,
+    router_limit: int | None = 64,
+    progress: bool = True,
+) -> LLMTwin:
+    """Twin-Merging's offline part: theta*, v_t = theta_t - theta*, SVD compression, router
+    trained on ``router_limit`` train prompts per task (pooled features; epoch chosen on val)."""
+    config.seed_everything()
+    shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
+    vectors = make_twin_vectors(shared, zoo.finetuned())
+    compressed = compress(vectors, rank_ratio=rank_ratio)
+    x, y = router_data(zoo, "train", router_limit)
+    vx, vy = router_data(zoo, "val")
+    router = Router(x.shape[1], len(zoo.task_names))
+    hist = train_router(router, x, y, (vx, vy), epochs=epochs, select="loss", progress=progress)
+    acc = 100.0 * hist.val_accuracy[hist.best_epoch]
+    ratio = sum(c.stored_params for c in compressed) / sum(c.dense_params for c in compressed)
+    return LLMTwin(shared, compressed, router, acc, ratio)
+
+
+@dataclass
+class StreamItem:
+    task: str
+    example: TextExample
+
+
+def mixed_stream(zoo: LLMZoo, split: str = "test", limit: int | None = None, seed: int = 0):
+    """Every task's questions of ``split``, shuffled into one stream (what a deployed model sees)."""
+    items = [StreamItem(t, e) for t in zoo.task_names for e in zoo.tasks[t].examples(split)[:limit]]
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order.tolist()]
+
+
+def _score(stream: Sequence[StreamItem], preds: Sequence[str], tasks: Sequence[str]):
+    out = {}
+    for t in tasks:
+        idx = [i for i, s in enumerate(stream) if s.task == t]
+        if not idx:  # a short stream may miss a task
+            continue
+        out[t] = exact_match([preds[i] for i in idx], [stream[i].example.answer for i in idx])
+    return out
+
+
+@torch.no_grad()
+def stream_features(zoo: LLMZoo, stream: Sequence[StreamItem]) -> Tensor:
+    """Pooled features of each stream item (by task, then put back in stream order)."""
+    feats = torch.empty(len(stream), zoo.model.config.hidden_size)
+    for t in zoo.task_names:
+        idx = [i for i, s in enumerate(stream) if s.task == t]
+        if not idx:
+            continue
+        prompts = llm.chat_prompts(zoo.tok, zoo.tasks[t], [stream[i].example for i in idx])
+        enc = zoo.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            zoo.model.device
+        )
+        h = zoo.model.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        feats[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu()
+    return feats
+
+
+def _generate_items(zoo: LLMZoo, state, items: Sequence[StreamItem]) -> list[str]:
+    """Greedy answers for ``items`` under one state (prompted per task, in item order)."""
+    preds: list[str | None] = [None] * len(items)
+    with zoo.using(state) as m:
+        for t in zoo.task_names:
+            idx = [i for i, s in enumerate(items) if s.task == t]
+            if not idx:
+                continue
+            prompts = llm.chat_prompts(zoo.tok, zoo.tasks[t], [items[i].example for i in idx])
+            out = llm.generate(
+                m, zoo.tok, prompts, max_new_tokens=llm.max_new_tokens_for(zoo.tok, zoo.tasks[t])
+            )
+            for i, p in zip(idx, out, strict=True):
+                preds[i] = p
+    return preds  # type: ignore[return-value]
+
+
+@dataclass
+class TwinRun:
+    accuracy: dict[str, float]  # exact match (%) per true task
+    router_accuracy: float  # (%) inputs whose largest weight is their own task
+    confidence: float  # mean over inputs of the largest router weight
+    merges: int  # merged models built (one per input, or one per group)
+
+
+def twin_stream(
+    zoo: LLMZoo,
+    twin: LLMTwin,
+    stream: Sequence[StreamItem],
+    *,
+    mode: str = "group",
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> TwinRun:
+    """Twin-Merging on a mixed stream: route every input (w = softmax(logits / temperature)),
+    then merge once per input (``mode="input"``) or once per group of inputs routed to the same
+    task (``"group"``, with the group's mean weights)."""
+    if mode not in ("group", "input"):
+        raise ValueError(f"mode must be 'group' or 'input', got {mode!r}")
+    weights = twin.router.weights(stream_features(zoo, stream), temperature)
+    if mode == "input":
+        groups = [[i] for i in range(len(stream))]
+    else:
+        chosen = weights.argmax(-1)
+        groups = [torch.nonzero(chosen == t).flatten().tolist() for t in range(weights.shape[1])]
+        groups = [g for g in groups if g]
+    preds: list[str] = [""] * len(stream)
+    for g in progress_bar(groups, desc=f"Twin ({mode})", progress=progress, leave=False):
+        state = merge_with_weights(twin.shared, twin.compressed, weights[g])
+        for i, p in zip(g, _generate_items(zoo, state, [stream[i] for i in g]), strict=True):
+            preds[i] = p
+    truth = torch.tensor([zoo.task_names.index(s.task) for s in stream])
+    routed = 100.0 * float((weights.argmax(-1) == truth).float().mean())
+    confidence = float(weights.max(-1).values.mean())
+    return TwinRun(_score(stream, preds, zoo.task_names), routed, confidence, len(groups))
+
+
+def static_stream(zoo: LLMZoo, state, stream: Sequence[StreamItem]) -> dict[str, float]:
+    """A static merge on the same stream (one model for every input)."""
+    return _score(stream, _generate_items(zoo, state, stream), zoo.task_names)
+
+
+# ----------------------------------------------------------------------------- all methods
+
+
+@dataclass
+class LLMResults:
+    """Test exact match per method and task, the experts', the lambdas chosen on val, Twin."""
+
+    absolute: dict[str, dict[str, float]]
+    experts: dict[str, float]
+    chosen: dict[str, float]
+    twin: LLMTwin | None = None
+    twin_run: TwinRun | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_llm_all(zoo: LLMZoo, *, progress: bool = True) -> LLMResults:
+    """Base, experts, task arithmetic, DARE + TA, TIES, PCB (lambda on val) and Twin-Merging
+    (group-wise, on the shuffled stream of all test questions): what notebook 06 builds."""
+    from course_lib.experiments import tune_scaling
+    from course_lib.merging import dare, pcb_merging, task_arithmetic, ties_merging
+
+    pre, fts = zoo.pretrained, zoo.finetuned()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    experts = {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in zoo.task_names}
+    rows = {"base model": zoo.evaluate(None), "LoRA experts": experts}
+    seconds["base + experts"] = time.perf_counter() - t0
+    ta = {"task arithmetic": (lambda s: task_arithmetic(pre, fts, scaling=s), LAMBDAS_TA)}
+    ties = {
+        "TIES-Merging": (lambda s: ties_merging(pre, fts, density=0.2, scaling=s), LAMBDAS_TIES),
+        "PCB-Merging": (lambda s: pcb_merging(pre, fts, ratio=0.1, scaling=s), LAMBDAS_TIES),
+    }
+    chosen = {}
+    for name, (merge, grid) in progress_bar(
+        [*ta.items(), *ties.items()], desc="merges", progress=progress
+    ):
+        t0 = time.perf_counter()
+        tuned = tune_scaling(zoo, merge, grid, limit=VAL_LIMIT, progress=False)
+        rows[name], chosen[name] = zoo.evaluate(tuned.state), tuned.scaling
+        seconds[name] = time.perf_counter() - t0
+        if name == "task arithmetic":  # DARE pre-processes TA: same lambda
+            t0 = time.perf_counter()
+            state = dare(pre, fts, drop_rate=0.9, seed=0, scaling=tuned.scaling)
+            rows["DARE (p=0.9) + TA"] = zoo.evaluate(state)
+            seconds["DARE (p=0.9) + TA"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    twin = build_twin(zoo, progress=False)
+    run = twin_stream(zoo, twin, mixed_stream(zoo, "test"), progress=False)
+    rows["Twin-Merging"] = run.accuracy
+    seconds["Twin-Merging"] = time.perf_counter() - t0
+    order = ["base model", "task arithmetic", "DARE (p=0.9) + TA", "TIES-Merging", "PCB-Merging"]
+    order += ["Twin-Merging", "LoRA experts"]
+    return LLMResults({k: rows[k] for k in order}, experts, chosen, twin, run, seconds)
+
+
+def llm_results_markdown(res: LLMResults) -> str:
+    from course_lib.eval import markdown, results_table
+
+    tasks = list(res.experts)
+    norm_rows = {k: v for k, v in res.absolute.items() if k != "base model"}
+    lines = [
+        "### LLM track: exact match (%), 32 test questions per task",
+        "",
+        markdown(results_table(res.absolute, tasks)),
+        "",
+        "### Normalized (% of each task's LoRA expert)",
+        "",
+        markdown(results_table(norm_rows, tasks, normalize_by=res.experts)),
+        "",
+        "λ chosen on 16 validation questions per task: "
+        + ", ".join(f"{k} λ={v:g}" for k, v in res.chosen.items())
+        + "; DARE uses task arithmetic's λ.",
+    ]
+    if res.twin is not None and res.twin_run is not None:
+        lines.append(
+            f"Twin-Merging: router accuracy {res.twin_run.router_accuracy:.1f}% on the test prompts, "
+            f"twin vectors stored at {100 * res.twin.compression:.1f}% of their dense size, "
+            "one merged model per routed task (group-wise)."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""LoRA experts, the LLM zoo, Twin on a text stream and the mergekit export, on a tiny Llama."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from course_lib import export
+from course_lib.data.text import TextExample, TextTask
+from course_lib.llm_track import (
+    LLMZoo,
+    build_twin,
+    mixed_stream,
+    static_stream,
+    twin_stream,
+)
+from course_lib.merging import task_arithmetic, ties_merging
+from course_lib.models import llm
+from course_lib.models.lora import (
+    LoraExpert,
+    LoraSpec,
+    adapted_keys,
+    base_state,
+    build_experts,
+    encode_for_training,
+    factor_merge,
+    load_expert,
+    save_expert,
+    train_lora,
+)
+from course_lib.models.vision import build_tokenizer
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+WORDS = ["what", "is", "colour", "shape", "of", "sky", "grass", "sun", "ball", "blue", "green"]
+WORDS += ["round", "yellow", "answer"]
+
+
+def tiny_llm(layers=2, seed=0):
+    tok = build_tokenizer(WORDS)
+    tok.chat_template = CHAT
+    tok.padding_side = "left"
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.3,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def tiny_tasks():
+    def task(name, qa):
+        ex = [TextExample(q, a) for q, a in qa]
+        return TextTask(name, {"train": ex * 4, "val": ex, "test": ex}, system="answer")
+
+    return {
+        "colour": task("colour", [("what is colour of sky", "blue"), ("what is colour of ball", "blue")]),
+        "shape": task("shape", [("what is shape of sun", "round"), ("what is shape of ball", "round")]),
+    }  # fmt: skip
+
+
+SPEC = LoraSpec(rank=2, alpha=4, top_layers=1, lr=3e-2, steps=30, batch_size=4, eval_every=10)
+
+
+def test_training_labels_only_the_answer_and_end_of_turn():
+    model, tok = tiny_llm()
+    task = tiny_tasks()["colour"]
+    ids, labels, mask = encode_for_training(tok, task, task.examples("val"))
+    for i, ex in enumerate(task.examples("val")):
+        kept = labels[i][labels[i] != -100].tolist()
+        assert kept == tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert mask[i].sum() == (ids[i] != tok.pad_token_id).sum()  # left padding, masked
+        assert mask[i, -1] == 1
+
+
+def test_lora_expert_learns_and_its_delta_is_scale_b_a():
+    model, tok = tiny_llm()
+    task = tiny_tasks()["colour"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expert = train_lora(
+        model, tok, task, SPEC, evaluate=lambda m: llm.task_accuracy(m, tok, task, "val"),
+        progress=False,
+    )  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not mutated
+    assert expert.history["loss"][-1] < 0.5 * expert.history["loss"][0]
+    assert max(expert.history["val_accuracy"]) == 100.0  # the best checkpoint answers both
+    keys = adapted_keys(model, SPEC)
+    assert sorted(expert.factors) == sorted(keys) and all("layers.1." in k for k in keys)
+    for k, (a, b) in expert.factors.items():
+        assert a.shape[0] == 2 and b.shape[1] == 2
+        torch.testing.assert_close(expert.delta()[k], SPEC.scale * b @ a)
+    base = base_state(model, keys)
+    with torch.no_grad():  # the merged expert answers like the trained LoRA
+        for k, v in expert.state(base).items():
+            dict(model.named_parameters())[k].copy_(v)
+    assert llm.task_accuracy(model, tok, task, "val") == max(expert.history["val_accuracy"])
+
+
+def test_delta_equals_peft_merge_and_unload():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_llm()
+    cfg = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False
+    )
+    pm = get_peft_model(model, cfg)  # random A and B (not zero), so Delta W != 0
+    from course_lib.models.lora import _factors
+
+    expert = LoraExpert("t", _factors(pm), 2.0)
+    base = {k: v.clone() for k, v in pm.get_base_model().state_dict().items() if "lora" not in k}
+    merged = pm.merge_and_unload().state_dict()
+    for k, d in expert.delta().items():
+        base_key = k.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(merged[k], base[base_key] + d)
+
+
+def test_expert_cache_round_trip_and_resume(tmp_path):
+    model, tok = tiny_llm()
+    tasks = tiny_tasks()
+    spec = LoraSpec(rank=2, alpha=4, top_layers=1, lr=3e-2, steps=3, batch_size=2, eval_every=3)
+    trained = []
+    log = trained.append
+    a = build_experts(model, tok, tasks, tmp_path, spec, base_id="tiny", progress=False, log=log)
+    assert len(trained) == 2
+    (tmp_path / "shape.safetensors").write_bytes(b"corrupt")
+    b = build_experts(model, tok, tasks, tmp_path, spec, base_id="tiny", progress=False, log=log)
+    assert len(trained) == 3 and "shape" in trained[-1]  # only the corrupted expert retrained
+    for t in tasks:
+        for k in a[t].factors:
+            assert torch.equal(a[t].factors[k][0], b[t].factors[k][0])  # deterministic
+    other = LoraSpec(rank=2, alpha=4, top_layers=1, lr=1e-2, steps=3, batch_size=2, eval_every=3)
+    build_experts(model, tok, tasks, tmp_path, other, base_id="tiny", progress=False, log=log)
+    assert len(trained) == 5  # a changed spec retrains everything
+    save_expert(a["colour"], tmp_path / "x.safetensors")
+    back = load_expert(tmp_path / "x.safetensors", "colour", a["colour"].scale)
+    assert all(torch.equal(back.delta()[k], v) for k, v in a["colour"].delta().items())
+
+
+def test_factor_merge_is_not_the_merge_of_the_products():
+    g = torch.Generator().manual_seed(0)
+    e = [
+        LoraExpert(str(i), {"w": (torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))}, 1.0)
+        for i in range(2)
+    ]  # fmt: skip
+    fm = factor_merge(e, scaling=0.5)["w"]
+    (a0, b0), (a1, b1) = e[0].factors["w"], e[1].factors["w"]
+    torch.testing.assert_close(fm, 0.25 * (b0 @ a0 + b1 @ a1 + b0 @ a1 + b1 @ a0))
+    assert not torch.allclose(fm, 0.5 * (b0 @ a0 + b1 @ a1))
+    with pytest.raises(ValueError, match="at least one"):
+        factor_merge([])
+
+
+def test_lora_spec_and_state_errors_name_the_problem():
+    with pytest.raises(ValueError, match="LoraSpec.rank"):
+        LoraSpec(rank=0)
+    with pytest.raises(ValueError, match="LoraSpec.lr"):
+        LoraSpec(lr=0.0)
+    e = LoraExpert("t", {"w": (torch.zeros(2, 3), torch.zeros(4, 2))}, 1.0)
+    with pytest.raises(ValueError, match="'w' is not a weight"):
+        e.state({})
+    with pytest.raises(ValueError, match=r"'w'.*\(4, 3\).*\(3, 4\)"):
+        e.state({"w": torch.zeros(3, 4)})
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo():
+    model, tok = tiny_llm()
+    tasks = tiny_tasks()
+    loras = {
+        t: train_lora(
+            model, tok, task, SPEC, evaluate=lambda m, task=task: llm.task_accuracy(m, tok, task, "val"),
+            progress=False,
+        )
+        for t, task in tasks.items()
+    }  # fmt: skip
+    base = base_state(model, adapted_keys(model, SPEC))
+    experts = {t: e.state(base) for t, e in loras.items()}
+    return LLMZoo("mini", model, tok, tasks, SPEC, loras, base, experts)
+
+
+def test_zoo_evaluates_states_and_restores_the_base(tiny_zoo):
+    zoo = tiny_zoo
+    before = {k: v.clone() for k, v in zoo.model.state_dict().items()}
+    acc = {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in zoo.task_names}
+    assert acc == {"colour": 100.0, "shape": 100.0}
+    assert all(torch.equal(before[k], v) for k, v in zoo.model.state_dict().items())
+    assert zoo.evaluate(None)["colour"] < 100.0  # the base does not know the answers
+    merged = ties_merging(zoo.pretrained, zoo.finetuned(), density=0.5)  # the engine runs as is
+    assert set(zoo.evaluate(merged)) == {"colour", "shape"}
+    with pytest.raises(ValueError, match="not one of the LLM's adapted weights"):
+        zoo.evaluate({"lm_head.weight": torch.zeros(1)})
+
+
+def test_twin_routes_a_mixed_stream(tiny_zoo):
+    zoo = tiny_zoo
+    twin = build_twin(zoo, rank_ratio=1.0, epochs=300, progress=False)
+    assert twin.router_val_accuracy == 100.0  # the two tasks' prompts are easy to tell apart
+    stream = mixed_stream(zoo, "test")
+    assert sorted(s.task for s in stream) == ["colour"] * 2 + ["shape"] * 2
+    sharp = {"temperature": 0.01, "progress": False}  # ~one-hot weights: theta* + v_t = expert t
+    group = twin_stream(zoo, twin, stream, mode="group", **sharp)
+    single = twin_stream(zoo, twin, stream, mode="input", **sharp)
+    assert group.accuracy == single.accuracy == {"colour": 100.0, "shape": 100.0}
+    assert group.router_accuracy == 100.0 and (group.merges, single.merges) == (2, 4)
+    few = twin_stream(zoo, twin, [s for s in stream if s.task == "shape"], **sharp)
+    assert set(few.accuracy) == {"shape"}  # a task absent from the stream is not scored
+    ta = static_stream(zoo, task_arithmetic(zoo.pretrained, zoo.finetuned(), 0.3), stream)
+    assert set(ta) == {"colour", "shape"}
+    with pytest.raises(ValueError, match="mode"):
+        twin_stream(zoo, twin, stream, mode="token")
+
+
+# ----------------------------------------------------------------------------- mergekit
+
+
+@pytest.mark.parametrize("method", export.SUPPORTED)
+def test_mergekit_configs_validate_with_mergekit(method):
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    text = export.mergekit_yaml(method, "base", ["e1", "e2"], scaling=0.7, density=0.3)
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(text))
+    assert len(cfg.models) == 2
+    expected = {"average": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties"}
+    assert cfg.merge_method == expected.get(method, "dare_linear")
+
+
+def test_mergekit_task_arithmetic_matches_ours(tmp_path):
+    """mergekit itself merges two saved tiny Llamas; the result equals our task arithmetic."""
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.torch import load_file
+
+    base, tok = tiny_llm(seed=0)
+    dirs = []
+    for i, seed in enumerate((0, 1, 2)):
+        m, _ = tiny_llm(seed=0)
+        if i:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        d = tmp_path / f"m{i}"
+        m.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(d)
+    cfg = export.mergekit_config(
+        "task_arithmetic", str(dirs[0]), [str(dirs[1]), str(dirs[2])], scaling=0.4
+    )
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg))),
+        str(tmp_path / "out"),
+        MergeOptions(copy_tokenizer=False, lazy_unpickle=False),
+    )
+    out = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    sds = [LlamaForCausalLM.from_pretrained(d).state_dict() for d in dirs]
+    ours = task_arithmetic(sds[0], sds[1:], scaling=0.4)
+    checked = 0
+    for k, v in out.items():
+        torch.testing.assert_close(v, ours[k], atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked >= 10
+
+
+def test_mergekit_export_refuses_what_it_cannot_express():
+    with pytest.raises(ValueError, match="PCB-Merging .* no mergekit method"):
+        export.mergekit_config("pcb", "b", ["e"])
+    with pytest.raises(ValueError, match="Twin-Merging routes every input"):
+        export.mergekit_config("twin", "b", ["e"])
+    with pytest.raises(ValueError, match="unknown method 'slerp'"):
+        export.mergekit_config("slerp", "b", ["e"])
+    with pytest.raises(ValueError, match="density"):
+        export.mergekit_config("ties", "b", ["e"], density=0.0)
+
+
+def test_cached_frozen_prefix_gives_the_same_loss_as_the_full_model():
+    from course_lib.models.lora import answer_loss, cache_frozen_prefix, top_layers_only
+
+    model, tok = tiny_llm(layers=3)
+    task = tiny_tasks()["colour"]
+    ids, labels, mask = encode_for_training(tok, task, task.examples("train"))
+    full = answer_loss(model, ids, labels, mask)
+    prefix = cache_frozen_prefix(model, ids, mask, first=2)
+    with top_layers_only(model, 2):
+        assert len(model.model.layers) == 1
+        top = answer_loss(model, ids, labels, mask, prefix)
+    assert len(model.model.layers) == 3  # restored
+    torch.testing.assert_close(top, full)
+
+
+def test_run_llm_all_fills_every_row(tiny_zoo):
+    from course_lib.llm_track import llm_results_markdown, run_llm_all
+
+    res = run_llm_all(tiny_zoo, progress=False)
+    assert list(res.absolute) == [
+        "base model", "task arithmetic", "DARE (p=0.9) + TA", "TIES-Merging", "PCB-Merging",
+        "Twin-Merging", "LoRA experts",
+    ]  # fmt: skip
+    assert res.experts == {"colour": 100.0, "shape": 100.0}
+    assert set(res.chosen) == {"task arithmetic", "TIES-Merging", "PCB-Merging"}
+    text = llm_results_markdown(res)
+    assert "| LoRA experts | 100.0 | 100.0 | 100.0 |" in text and "router accuracy" in text
