@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LINT_PATHS := course_lib tests benchmarks $(wildcard tools/*.py)
 
-.PHONY: help setup setup-dev zoo course student notebooks test lint format lab bench clean
+.PHONY: help setup setup-dev zoo course llm student notebooks test lint format lab bench clean
 
 help:
 	@echo "make course  - set up .venv, build the mini zoo if missing, run every method, print the results,"
@@ -18,6 +18,7 @@ help:
 	@echo "make notebooks - re-execute the solution notebooks in place and regenerate the student ones"
 	@echo "make student - regenerate notebooks/student/ from the solution notebooks"
 	@echo "make zoo     - build (or repair) the model zoo in data/cache/"
+	@echo "make llm     - the LLM track: SmolLM2 LoRA experts (trained once, cached) and every method"
 	@echo "make test    - set up .venv with the dev extras and run every test"
 	@echo "make lab     - JupyterLab on notebooks/"
 	@echo "make bench   - merge benchmark on 8 ViT-B/32-shaped state dicts (slow, ~4 GB RAM)"
@@ -50,6 +51,9 @@ zoo: $(VENV)/.course-installed
 course: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib course
 	$(BIN)/python tools/run_notebooks.py
+
+llm: $(VENV)/.course-installed
+	$(BIN)/python -m course_lib llm
 
 student: $(VENV)/.course-installed
 	$(BIN)/python tools/make_student.py

@@ -162,6 +162,12 @@ def test_lora_delta_checker():
         with pytest.raises(checks.ExerciseError, match=says):
             checks.check_lora_delta(wrong)
 
+    def stub(a, b, alpha, r):
+        raise NotImplementedError("write your answer here")
+
+    with pytest.raises(NotImplementedError):  # an open exercise is not reported as a wrong answer
+        checks.check_lora_delta(stub)
+
 
 def test_route_groups_checker():
     def reference(w):
