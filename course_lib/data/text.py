@@ -21,7 +21,7 @@ A fifth task, ``capitals`` ("What is the capital of Norway?" -> "Oslo", countrie
 between splits), is kept as a lesson rather than a benchmark: SmolLM2-135M answers it in full
 sentences ("The capital of Norway is Oslo."), but a LoRA that teaches it to answer with the city
 alone, on 36 training countries, learns those 36 answers and loses the recall of the unseen
-ones (0-12% on validation in our runs, lr 5e-4 to 2e-3). Load it by name.
+ones (0-12% on validation in our runs at lr 5e-4 and 1e-3). Load it by name.
 """
 
 from __future__ import annotations
