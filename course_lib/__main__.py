@@ -77,10 +77,14 @@ def cmd_course(args: argparse.Namespace) -> int:
     print(f"zoo ready ({time.perf_counter() - start:.0f} s); merging ...")
     res = experiments.run_all(zoo)
     neg = experiments.negation(zoo, args.negate or zoo.task_names[-1])
-    text = results_markdown(res, neg)
+    return _report(results_markdown(res, neg), f"{zoo.profile}_results.md", start)
+
+
+def _report(text: str, name: str, start: float) -> int:
+    """Print the tables and write them to results/<name>."""
     print("\n" + text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{zoo.profile}_results.md"
+    out = RESULTS_DIR / name
     out.write_text(text + "\n")
     print(f"\nwritten to {out} in {time.perf_counter() - start:.0f} s")
     return 0
@@ -95,13 +99,7 @@ def cmd_llm(args: argparse.Namespace) -> int:
     zoo = load_llm_zoo()
     print(f"base model and LoRA experts ready ({time.perf_counter() - start:.0f} s); merging ...")
     res = run_llm_all(zoo)
-    text = llm_results_markdown(res)
-    print("\n" + text)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{zoo.profile}_llm_results.md"
-    out.write_text(text + "\n")
-    print(f"\nwritten to {out} in {time.perf_counter() - start:.0f} s")
-    return 0
+    return _report(llm_results_markdown(res), f"{zoo.profile}_llm_results.md", start)
 
 
 def main(argv: list[str] | None = None) -> int:

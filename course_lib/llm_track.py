@@ -167,11 +167,18 @@ def _numel(state: Mapping[str, Tensor]) -> int:
 def pooled_features(zoo: LLMZoo, task: str, split: str, limit: int | None = None) -> Tensor:
     """Mean of the base model's last hidden states over the prompt tokens, [N, hidden]."""
     t = zoo.tasks[task]
-    prompts = llm.chat_prompts(zoo.tok, t, t.examples(split)[:limit])
+    return _pooled(zoo, llm.chat_prompts(zoo.tok, t, t.examples(split)[:limit]))
+
+
+@torch.no_grad()
+def _pooled(zoo: LLMZoo, prompts: Sequence[str], batch_size: int = 64) -> Tensor:
     out = []
-    for start in range(0, len(prompts), 64):
+    for start in range(0, len(prompts), batch_size):
         enc = zoo.tok(
-            prompts[start : start + 64], return_tensors="pt", padding=True, add_special_tokens=False
+            prompts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
         ).to(zoo.model.device)
         h = zoo.model.model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -258,12 +265,7 @@ def stream_features(zoo: LLMZoo, stream: Sequence[StreamItem]) -> Tensor:
         if not idx:
             continue
         prompts = llm.chat_prompts(zoo.tok, zoo.tasks[t], [stream[i].example for i in idx])
-        enc = zoo.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            zoo.model.device
-        )
-        h = zoo.model.model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        feats[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu()
+        feats[idx] = _pooled(zoo, prompts)
     return feats
 
 

@@ -318,13 +318,8 @@ def build_experts(
     for name, task in tasks.items():
         fname = f"{name}.safetensors"
         if not man.valid(fname):
-
-            def ev(m, task=task):
-                return evaluate(m, task) if evaluate else 0.0
-
-            expert = train_lora(
-                model, tok, task, spec, evaluate=ev if evaluate else None, progress=progress
-            )
+            ev = (lambda m, task=task: evaluate(m, task)) if evaluate else None
+            expert = train_lora(model, tok, task, spec, evaluate=ev, progress=progress)
             save_expert(expert, root / fname)
             man.record(fname, history=expert.history)
             log(
