@@ -4,7 +4,13 @@
 * ``python -m course_lib course`` - the course's main job: the zoo, then every method on it,
   printed as absolute and normalized accuracy tables and written to ``results/``;
 * ``python -m course_lib llm``    - the LLM track: SmolLM2, four LoRA experts (trained once,
-  cached), every method, written to ``results/<profile>_llm_results.md``.
+  cached), every method, written to ``results/<profile>_llm_results.md``;
+* ``python -m course_lib leaderboard`` - both tracks in one table with each method's costs,
+  written to ``results/leaderboard.md`` and ``results/figures/`` (a track whose saved results
+  no longer match the code or the world is recomputed first).
+
+``course`` and ``llm`` also save their numbers as ``results/<profile>_<track>.json``, which the
+leaderboard and notebook 07 reuse (:mod:`course_lib.leaderboard`).
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def results_markdown(res, neg) -> str:
 
 
 def cmd_course(args: argparse.Namespace) -> int:
-    from course_lib import experiments
+    from course_lib import experiments, leaderboard
     from course_lib.models.zoo import load_zoo
 
     print(f"Model Merging from Scratch - {describe()}")
@@ -76,6 +82,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     zoo = load_zoo()
     print(f"zoo ready ({time.perf_counter() - start:.0f} s); merging ...")
     res = experiments.run_all(zoo)
+    leaderboard.save(leaderboard.vision_record(res, zoo))
     neg = experiments.negation(zoo, args.negate or zoo.task_names[-1])
     return _report(results_markdown(res, neg), f"{zoo.profile}_results.md", start)
 
@@ -91,6 +98,7 @@ def _report(text: str, name: str, start: float) -> int:
 
 
 def cmd_llm(args: argparse.Namespace) -> int:
+    from course_lib import leaderboard
     from course_lib.llm_track import llm_results_markdown, load_llm_zoo, run_llm_all
 
     print(f"Model Merging from Scratch, LLM track - {describe()}")
@@ -99,7 +107,26 @@ def cmd_llm(args: argparse.Namespace) -> int:
     zoo = load_llm_zoo()
     print(f"base model and LoRA experts ready ({time.perf_counter() - start:.0f} s); merging ...")
     res = run_llm_all(zoo)
+    leaderboard.save(leaderboard.llm_record(res, zoo))
     return _report(llm_results_markdown(res), f"{zoo.profile}_llm_results.md", start)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from course_lib import leaderboard
+
+    print(f"Model Merging from Scratch, leaderboard - {describe()}")
+    start = time.perf_counter()
+    records = []
+    for track in leaderboard.TRACKS:
+        cached = leaderboard.load(
+            leaderboard.results_path(track, profile()), leaderboard.fingerprint(track, profile())
+        )
+        how = "reused" if cached and not args.recompute else "computing (a few minutes)"
+        print(f"{track} track: {how} {leaderboard.results_path(track, profile()).name}")
+        records.append(leaderboard.track_results(track, recompute=args.recompute))
+    paths = leaderboard.figures(records, RESULTS_DIR / "figures")
+    print("figures: " + ", ".join(str(p.relative_to(RESULTS_DIR)) for p in paths))
+    return _report(leaderboard.leaderboard_markdown(records), "leaderboard.md", start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("llm", help="the LLM track: SmolLM2 LoRA experts and every method")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_llm)
+    p = sub.add_parser("leaderboard", help="both tracks, every method, scores and costs")
+    p.add_argument("--recompute", action="store_true", help="ignore the saved results/*.json")
+    p.set_defaults(func=cmd_leaderboard)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -431,3 +431,60 @@ def check_route_groups(fn: Callable[[Tensor], list]) -> bool:
                 f"{w[want].mean(0).tolist()}; got {m.tolist()}"
             )
     return _ok("one merged model per routed task, built from the group's mean weights")
+
+
+# ----------------------------------------------------------------------------- notebook 07
+def check_pareto_front(fn: Callable[[dict], list]) -> bool:
+    """``fn({method: (stored, score)})`` -> the methods no other method dominates."""
+    from course_lib.leaderboard import pareto_front
+
+    cases = [
+        {"avg": (1.0, 40.0), "ta": (1.0, 45.0), "twin": (2.5, 85.0), "experts": (8.0, 100.0)},
+        {"a": (1.0, 50.0), "b": (1.0, 50.0), "c": (2.0, 50.0), "d": (0.5, 10.0)},
+    ]
+    for points in cases:
+        got, expected = fn(dict(points)), pareto_front(points)
+        if not isinstance(got, list | tuple):
+            raise ExerciseError(f"return a list of method names, got {type(got).__name__}")
+        if set(got) == set(expected):
+            continue
+        if "avg" in got:
+            raise ExerciseError(
+                "'avg' stores as much as 'ta' and scores less: it is dominated, drop it"
+            )
+        if set(got) < set(expected) and {"a", "b"} <= set(expected) and not {"a", "b"} <= set(got):
+            raise ExerciseError(
+                "two methods with the same cost and the same score do not dominate each other: "
+                "domination needs one of the two to be strictly better"
+            )
+        raise ExerciseError(f"for {points} expected {sorted(expected)}, got {sorted(got)}")
+    return _ok("the Pareto front keeps exactly the methods nothing beats on cost and score")
+
+
+def check_best_under_budget(fn: Callable[[list, str, float], object]) -> bool:
+    """``fn(rows, track, max_stored)`` -> the best merge within the storage budget, or None."""
+    from course_lib.leaderboard import best_under_budget
+
+    def row(track, method, kind, norm, stored):
+        return {"track": track, "method": method, "kind": kind, "normalized (%)": norm,
+                "stored (models)": stored}  # fmt: skip
+
+    rows = [
+        row("vision", "experts", "reference", 100.0, 8.0),
+        row("vision", "task arithmetic", "one merged model", 42.0, 1.0),
+        row("vision", "PCB-Merging", "one merged model", 44.0, 1.0),
+        row("vision", "Twin-Merging", "router + merge per input", 86.0, 2.8),
+        row("llm", "Twin-Merging", "router + merge per group", 99.0, 1.1),
+    ]
+    for track, budget in [("vision", 1.0), ("vision", 3.0), ("vision", 100.0), ("vision", 0.5)]:
+        got, expected = fn(rows, track, budget), best_under_budget(rows, track, budget)
+        if got == expected:
+            continue
+        if got == "experts":
+            raise ExerciseError("the experts are the reference, not a merge: leave them out")
+        if got == "Twin-Merging" and track == "vision" and budget == 1.0:
+            raise ExerciseError("Twin-Merging stores 2.8 models: it does not fit a budget of 1")
+        if expected is None:
+            raise ExerciseError(f"nothing fits a budget of {budget}: return None, got {got!r}")
+        raise ExerciseError(f"track {track!r}, budget {budget}: expected {expected!r}, got {got!r}")
+    return _ok("you pick the best merge that fits the storage budget")

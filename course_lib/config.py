@@ -3,6 +3,11 @@
 The profile is ``mini`` (offline, CPU, minutes) or ``full`` (GPU + Hugging Face hub). It is read
 from the ``COURSE_PROFILE`` environment variable; without it, ``full`` is chosen only when CUDA
 is available and the hub is not switched off (``HF_HUB_OFFLINE=1``).
+
+``data/``, ``results/`` and the cache live in the course folder: ``$COURSE_HOME`` if set (on
+Colab and Kaggle ``course_lib.runtime`` points it at the clone, since an installed package no
+longer sits in its repository), else the repository this file belongs to. ``$COURSE_CACHE``
+moves the cache alone.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 PROFILES = ("mini", "full")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("COURSE_HOME") or Path(__file__).resolve().parent.parent)
 DATA_DIR = ROOT / "data"
 CACHE_DIR = Path(os.environ.get("COURSE_CACHE", DATA_DIR / "cache"))
 RESULTS_DIR = ROOT / "results"

@@ -13,8 +13,10 @@ all compute the same numbers the same way:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +147,8 @@ class TwinResult:
     compression: float  # stored / dense parameters of the twin vectors
     rank_ratio: float
     confusion: Tensor  # [T, T] counts: true task x argmax router task
+    stored_params: int = 0  # parameters of the compressed twin vectors
+    router_params: int = 0
 
 
 def train_task_router(zoo: Zoo, *, epochs: int = 60, progress: bool = True) -> Router:
@@ -214,10 +218,13 @@ def twin_merging(
     shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
     compressed = compress(twin_vectors(shared, zoo.finetuned()), rank_ratio=rank_ratio)
     router = train_task_router(zoo, epochs=router_epochs, progress=progress)
-    return twin_accuracy(
+    result = twin_accuracy(
         zoo, shared, compressed, router, split=split, limit=limit, batch_size=batch_size,
         rank_ratio=rank_ratio, progress=progress,
     )  # fmt: skip
+    result.stored_params = sum(c.stored_params for c in compressed)
+    result.router_params = sum(p.numel() for p in router.parameters())
+    return result
 
 
 def mixed_stream(
@@ -301,41 +308,49 @@ def negation(
 
 @dataclass
 class Results:
-    """Absolute test accuracies per method, plus what was chosen on val."""
+    """Absolute test accuracies per method, plus what was chosen on val and how long it took."""
 
     absolute: dict[str, dict[str, float]]
     experts: dict[str, float]
     chosen: dict[str, float]
     twin: TwinResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # build + test evaluation, per row
+
+
+@contextlib.contextmanager
+def stopwatch(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of the ``with`` block as ``seconds[name]`` (rounded to 0.1 s)."""
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 1)
 
 
 def run_all(zoo: Zoo, *, progress: bool = True, twin_rank_ratio: float = 0.1) -> Results:
-    """Zero-shot, experts, averaging, TA, TIES, PCB (lambda from val) and Twin-Merging."""
+    """Zero-shot, experts, averaging, TA, TIES, PCB (lambda from val) and Twin-Merging.
+
+    ``seconds[method]`` is the wall time of that row: merging, the lambda search on val (tuned
+    methods), the router's training (Twin) and the test evaluation.
+    """
     pre, fts = zoo.pretrained, zoo.finetuned()
-    experts = expert_accuracies(zoo)
-    rows: dict[str, dict[str, float]] = {"zero-shot": zoo.evaluate(pre), "experts": experts}
-    rows["weight averaging"] = zoo.evaluate(weight_average(fts))
-    tuned = {
-        "task arithmetic": tune_scaling(
-            zoo, lambda s: task_arithmetic(pre, fts, s), LAMBDAS_TA, desc="TA", progress=progress
-        ),
-        "TIES-Merging": tune_scaling(
-            zoo,
-            lambda s: ties_merging(pre, fts, 0.2, s),
-            LAMBDAS_TIES,
-            desc="TIES",
-            progress=progress,
-        ),
-        "PCB-Merging": tune_scaling(
-            zoo,
-            lambda s: pcb_merging(pre, fts, 0.1, s),
-            LAMBDAS_TIES,
-            desc="PCB",
-            progress=progress,
-        ),
+    rows: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    chosen: dict[str, float] = {}
+    with stopwatch(seconds, "zero-shot"):
+        rows["zero-shot"] = zoo.evaluate(pre)
+    with stopwatch(seconds, "experts"):
+        rows["experts"] = expert_accuracies(zoo)
+    with stopwatch(seconds, "weight averaging"):
+        rows["weight averaging"] = zoo.evaluate(weight_average(fts))
+    searches = {
+        "task arithmetic": (lambda s: task_arithmetic(pre, fts, s), LAMBDAS_TA, "TA"),
+        "TIES-Merging": (lambda s: ties_merging(pre, fts, 0.2, s), LAMBDAS_TIES, "TIES"),
+        "PCB-Merging": (lambda s: pcb_merging(pre, fts, 0.1, s), LAMBDAS_TIES, "PCB"),
     }
-    for name, t in tuned.items():
-        rows[name] = zoo.evaluate(t.state)
-    twin = twin_merging(zoo, rank_ratio=twin_rank_ratio, progress=progress)
-    rows["Twin-Merging"] = twin.accuracy
-    return Results(rows, experts, {n: t.scaling for n, t in tuned.items()}, twin)
+    for name, (merge, grid, desc) in searches.items():
+        with stopwatch(seconds, name):
+            tuned = tune_scaling(zoo, merge, grid, desc=desc, progress=progress)
+            rows[name], chosen[name] = zoo.evaluate(tuned.state), tuned.scaling
+    with stopwatch(seconds, "Twin-Merging"):
+        twin = twin_merging(zoo, rank_ratio=twin_rank_ratio, progress=progress)
+        rows["Twin-Merging"] = twin.accuracy
+    return Results(rows, rows["experts"], chosen, twin, seconds)

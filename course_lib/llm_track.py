@@ -349,15 +349,17 @@ class LLMResults:
 def run_llm_all(zoo: LLMZoo, *, progress: bool = True) -> LLMResults:
     """Base, experts, task arithmetic, DARE + TA, TIES, PCB (lambda on val) and Twin-Merging
     (group-wise, on the shuffled stream of all test questions): what notebook 06 builds."""
-    from course_lib.experiments import tune_scaling
+    from course_lib.experiments import stopwatch, tune_scaling
     from course_lib.merging import dare, pcb_merging, task_arithmetic, ties_merging
 
     pre, fts = zoo.pretrained, zoo.finetuned()
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    experts = {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in zoo.task_names}
-    rows = {"base model": zoo.evaluate(None), "LoRA experts": experts}
-    seconds["base + experts"] = time.perf_counter() - t0
+    rows: dict[str, dict[str, float]] = {}
+    with stopwatch(seconds, "base model"):
+        rows["base model"] = zoo.evaluate(None)
+    with stopwatch(seconds, "LoRA experts"):
+        experts = {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in zoo.task_names}
+        rows["LoRA experts"] = experts
     ta = {"task arithmetic": (lambda s: task_arithmetic(pre, fts, scaling=s), LAMBDAS_TA)}
     ties = {
         "TIES-Merging": (lambda s: ties_merging(pre, fts, density=0.2, scaling=s), LAMBDAS_TIES),
@@ -367,20 +369,17 @@ def run_llm_all(zoo: LLMZoo, *, progress: bool = True) -> LLMResults:
     for name, (merge, grid) in progress_bar(
         [*ta.items(), *ties.items()], desc="merges", progress=progress
     ):
-        t0 = time.perf_counter()
-        tuned = tune_scaling(zoo, merge, grid, limit=VAL_LIMIT, progress=False)
-        rows[name], chosen[name] = zoo.evaluate(tuned.state), tuned.scaling
-        seconds[name] = time.perf_counter() - t0
+        with stopwatch(seconds, name):
+            tuned = tune_scaling(zoo, merge, grid, limit=VAL_LIMIT, progress=False)
+            rows[name], chosen[name] = zoo.evaluate(tuned.state), tuned.scaling
         if name == "task arithmetic":  # DARE pre-processes TA: same lambda
-            t0 = time.perf_counter()
-            state = dare(pre, fts, drop_rate=0.9, seed=0, scaling=tuned.scaling)
-            rows["DARE (p=0.9) + TA"] = zoo.evaluate(state)
-            seconds["DARE (p=0.9) + TA"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    twin = build_twin(zoo, progress=False)
-    run = twin_stream(zoo, twin, mixed_stream(zoo, "test"), progress=False)
-    rows["Twin-Merging"] = run.accuracy
-    seconds["Twin-Merging"] = time.perf_counter() - t0
+            with stopwatch(seconds, "DARE (p=0.9) + TA"):
+                state = dare(pre, fts, drop_rate=0.9, seed=0, scaling=tuned.scaling)
+                rows["DARE (p=0.9) + TA"] = zoo.evaluate(state)
+    with stopwatch(seconds, "Twin-Merging"):
+        twin = build_twin(zoo, progress=False)
+        run = twin_stream(zoo, twin, mixed_stream(zoo, "test"), progress=False)
+        rows["Twin-Merging"] = run.accuracy
     order = ["base model", "task arithmetic", "DARE (p=0.9) + TA", "TIES-Merging", "PCB-Merging"]
     order += ["Twin-Merging", "LoRA experts"]
     return LLMResults({k: rows[k] for k in order}, experts, chosen, twin, run, seconds)

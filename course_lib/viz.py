@@ -222,3 +222,45 @@ def training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> F
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def radar(table: Table, title: str = "Score per task (%)") -> Figure:
+    """One closed polygon per method over the tasks (a radar or spider chart), 0-100 radially."""
+    df = _frame(table)
+    angles = np.linspace(0, 2 * np.pi, df.shape[1], endpoint=False)
+    closed = np.concatenate([angles, angles[:1]])
+    fig, ax = plt.subplots(figsize=(5.2, 5.2), subplot_kw={"polar": True})
+    for i, (method, row) in enumerate(df.iterrows()):
+        values = np.clip(row.to_numpy(dtype=float), 0, 110)
+        ax.plot(closed, np.concatenate([values, values[:1]]), color=f"C{i}", label=method)
+        ax.fill(closed, np.concatenate([values, values[:1]]), color=f"C{i}", alpha=0.08)
+    ax.set_xticks(angles, df.columns, fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_yticks([25, 50, 75, 100], ["25", "50", "75", "100"], fontsize=7)
+    ax.set_title(title, pad=18)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def cost_scatter(
+    points: Mapping[tuple[str, str], tuple[float, float]],
+    title: str = "What each method costs and what it keeps",
+) -> Figure:
+    """Stored parameters (x, log scale, in units of one model) vs normalized mean score (y);
+    ``points[(track, method)] = (stored, normalized)``, one marker shape per track."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    markers = {}
+    for (track, method), (stored, score) in points.items():
+        marker = markers.setdefault(track, "os^Dv"[len(markers) % 5])
+        ax.scatter(stored, score, marker=marker, s=45, color=f"C{len(markers) - 1}")
+        ax.annotate(method, (stored, score), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for i, (track, marker) in enumerate(markers.items()):
+        ax.scatter([], [], marker=marker, color=f"C{i}", label=f"{track} track")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters stored to serve every task (× one model, log scale)")
+    ax.set_ylabel("normalized mean score (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

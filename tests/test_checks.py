@@ -207,3 +207,35 @@ def test_route_groups_checker():
     ]:
         with pytest.raises(checks.ExerciseError, match=says):
             checks.check_route_groups(wrong)
+
+
+def test_pareto_front():
+    from course_lib.leaderboard import pareto_front
+
+    assert checks.check_pareto_front(pareto_front)
+    wrong(checks.check_pareto_front, lambda p: list(p), "dominated")
+    strict = lambda p: [  # noqa: E731 - "dominated" by an equal point: the strictness mistake
+        m
+        for m, (c, s) in p.items()
+        if not any(c2 <= c and s2 >= s for o, (c2, s2) in p.items() if o != m)
+    ]
+    wrong(checks.check_pareto_front, strict, "strictly better")
+    wrong(checks.check_pareto_front, lambda p: "ta", "list of method names")
+
+
+def test_best_under_budget():
+    from course_lib.leaderboard import best_under_budget
+
+    assert checks.check_best_under_budget(best_under_budget)
+
+    def no_filter(rows, track, budget):
+        fits = [r for r in rows if r["track"] == track and r["stored (models)"] <= budget]
+        return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
+
+    wrong(checks.check_best_under_budget, no_filter, "reference, not a merge")
+
+    def no_budget(rows, track, budget):
+        fits = [r for r in rows if r["track"] == track and r["kind"] != "reference"]
+        return max(fits, key=lambda r: r["normalized (%)"])["method"]
+
+    wrong(checks.check_best_under_budget, no_budget, "does not fit a budget of 1")

@@ -10,7 +10,8 @@ In ``notebooks/NN_*.ipynb`` every exercise answer sits between two marker lines:
 The student copy in ``notebooks/student/`` replaces each marked block with
 ``raise NotImplementedError(...)`` at the same indentation, clears every output and execution
 count, and starts with a note saying that it is generated. Cells tagged ``check`` call a
-``course_lib.checks`` function on the learner's answer.
+``course_lib.checks`` function on the learner's answer. The title's "Open in Colab/Kaggle"
+badges (``tools/setup_cell.py``) are pointed at the student copy; the setup cell is copied as is.
 
 Usage::
 
@@ -65,6 +66,10 @@ def strip_solutions(source: str, where: str) -> tuple[str, int]:
 def student_version(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
     """The student notebook of one solution notebook (outputs cleared, answers stubbed)."""
     nb = copy.deepcopy(nb)
+    if nb.cells and nb.cells[0].cell_type == "markdown":  # the title: badges open the student copy
+        nb.cells[0].source = nb.cells[0].source.replace(
+            f"/notebooks/{name}", f"/notebooks/student/{name}"
+        )
     total = 0
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
