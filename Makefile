@@ -10,16 +10,19 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 LINT_PATHS := course_lib tests benchmarks $(wildcard tools/*.py)
 
-.PHONY: help setup setup-dev zoo course llm student notebooks test lint format lab bench clean
+.PHONY: help setup setup-dev zoo course llm leaderboard student notebooks slides test lint format lab bench clean
 
 help:
 	@echo "make course  - set up .venv, build the mini zoo if missing, run every method, print the results,"
-	@echo "               then execute every notebook headless into build/notebooks/"
+	@echo "               execute every notebook headless into build/notebooks/, print the leaderboard"
 	@echo "make notebooks - re-execute the solution notebooks in place and regenerate the student ones"
 	@echo "make student - regenerate notebooks/student/ from the solution notebooks"
 	@echo "make zoo     - build (or repair) the model zoo in data/cache/"
 	@echo "make llm     - the LLM track: SmolLM2 LoRA experts (trained once, cached) and every method"
+	@echo "make leaderboard - both tracks and every method in one table with costs (results/leaderboard.md)"
 	@echo "make test    - set up .venv with the dev extras and run every test"
+	@echo "make slides  - build the Marp decks of slides/ to build/slides/<deck>.html (figures included;"
+	@echo "               marp-cli is installed once into slides/node_modules with npm ci)"
 	@echo "make lab     - JupyterLab on notebooks/"
 	@echo "make bench   - merge benchmark on 8 ViT-B/32-shaped state dicts (slow, ~4 GB RAM)"
 
@@ -51,16 +54,27 @@ zoo: $(VENV)/.course-installed
 course: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib course
 	$(BIN)/python tools/run_notebooks.py
+	$(BIN)/python -m course_lib leaderboard
 
 llm: $(VENV)/.course-installed
 	$(BIN)/python -m course_lib llm
 
+leaderboard: $(VENV)/.course-installed
+	$(BIN)/python -m course_lib leaderboard
+
 student: $(VENV)/.course-installed
+	$(BIN)/python tools/setup_cell.py
 	$(BIN)/python tools/make_student.py
 
 notebooks: $(VENV)/.course-installed
+	$(BIN)/python tools/setup_cell.py
 	$(BIN)/python tools/run_notebooks.py --inplace
 	$(BIN)/python tools/make_student.py
+
+# marp-cli comes from slides/package-lock.json (npm ci, re-run only when the lock file changes);
+# the figures from tools/slide_figures.py. Open build/slides/<deck>.html, offline.
+slides: $(VENV)/.course-installed
+	$(BIN)/python tools/build_slides.py
 
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check $(LINT_PATHS)

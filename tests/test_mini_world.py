@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from course_lib import experiments as ex
+from course_lib import leaderboard
 from course_lib.models.zoo import load_zoo
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,19 @@ def zoo():
 
 @pytest.fixture(scope="module")
 def results(zoo):
-    return ex.run_all(zoo, progress=False)
+    res = ex.run_all(zoo, progress=False)
+    # saved as `python -m course_lib course` saves it: notebook 07 (run later by nbval) reuses it
+    leaderboard.save(leaderboard.vision_record(res, zoo))
+    return res
+
+
+def test_the_saved_record_is_what_the_leaderboard_reuses(results):
+    fp = leaderboard.fingerprint("vision", "mini")
+    record = leaderboard.load(leaderboard.results_path("vision", "mini"), fp)
+    assert record is not None, "the record was not saved, or its fingerprint does not match"
+    assert record.absolute == results.absolute and record.chosen == results.chosen
+    assert leaderboard.track_results("vision", "mini") == record  # reused, not recomputed
+    assert record.stored["experts"] == 8.0 and 1.0 < record.stored["Twin-Merging"] < 8.0
 
 
 def test_experts_are_much_better_than_zero_shot(results):
