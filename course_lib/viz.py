@@ -243,24 +243,56 @@ def radar(table: Table, title: str = "Score per task (%)") -> Figure:
     return fig
 
 
+def _spread(values: Sequence[float], gap: float) -> list[float]:
+    """Label positions near ``values`` (any order) that are at least ``gap`` apart."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    last = -np.inf
+    for i in order:
+        out[i] = last = max(values[i], last + gap)
+    return out
+
+
 def cost_scatter(
     points: Mapping[tuple[str, str], tuple[float, float]],
     title: str = "What each method costs and what it keeps",
 ) -> Figure:
     """Stored parameters (x, log scale, in units of one model) vs normalized mean score (y);
-    ``points[(track, method)] = (stored, normalized)``, one marker shape per track."""
-    fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    markers = {}
-    for (track, method), (stored, score) in points.items():
-        marker = markers.setdefault(track, "os^Dv"[len(markers) % 5])
-        ax.scatter(stored, score, marker=marker, s=45, color=f"C{len(markers) - 1}")
-        ax.annotate(method, (stored, score), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    for i, (track, marker) in enumerate(markers.items()):
-        ax.scatter([], [], marker=marker, color=f"C{i}", label=f"{track} track")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters stored to serve every task (× one model, log scale)")
-    ax.set_ylabel("normalized mean score (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ``points[(track, method)] = (stored, normalized)``, one panel per track. Labels of points
+    with similar costs are stacked apart and joined to their point by a thin line."""
+    tracks = list(dict.fromkeys(track for track, _ in points))
+    fig, axes = plt.subplots(
+        1, len(tracks), figsize=(4.4 * len(tracks), 4.4), sharey=True, squeeze=False
+    )
+    for i, (ax, track) in enumerate(zip(axes[0], tracks, strict=True)):
+        mine = sorted(((xy, m) for (t, m), xy in points.items() if t == track))
+        colour = f"C{i}"
+        ax.scatter([x for (x, _), _ in mine], [y for (_, y), _ in mine], s=40, color=colour)
+        groups: list[list[int]] = []
+        for j, ((x, _), _) in enumerate(mine):  # consecutive costs within a factor 1.5
+            if groups and x <= 1.5 * mine[groups[-1][0]][0][0]:
+                groups[-1].append(j)
+            else:
+                groups.append([j])
+        for idx in groups:
+            label_x = 1.12 * max(mine[j][0][0] for j in idx)
+            label_y = _spread([mine[j][0][1] for j in idx], gap=5.5)
+            for j, ly in zip(idx, label_y, strict=True):
+                (x, y), method = mine[j]
+                ax.annotate(
+                    method, (x, y), xytext=(label_x, ly), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5},
+                )  # fmt: skip
+        xmax = max(x for (x, _), _ in mine)
+        ticks = [v for v in (1, 1.5, 2, 3, 4, 6, 8, 16, 32) if v <= 1.5 * xmax]
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(0.9, 4.0 * xmax)
+        ax.set_ylim(-5, 115)
+        ax.set_title(f"{track} track", fontsize=10)
+        ax.set_xlabel("stored (× one model, log scale)")
+    axes[0][0].set_ylabel("normalized mean score (%)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -191,11 +191,18 @@ def test_radar_and_cost_scatter_axes():
     ax = fig.axes[0]
     assert ax.name == "polar" and len(ax.get_lines()) == 2
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
-    fig = viz.cost_scatter({("vision", "TA"): (1.0, 50.0), ("llm", "Twin"): (1.2, 99.0)})
-    ax = fig.axes[0]
-    assert ax.get_xscale() == "log"
-    assert {t.get_text() for t in ax.texts} == {"TA", "Twin"}
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["vision track", "llm track"]
+    points = {("vision", "TA"): (1.0, 50.0), ("vision", "TIES"): (1.0, 51.0),
+              ("llm", "Twin"): (1.2, 99.0)}  # fmt: skip
+    fig = viz.cost_scatter(points)
+    assert [ax.get_title() for ax in fig.axes] == ["vision track", "llm track"]
+    assert all(ax.get_xscale() == "log" for ax in fig.axes)
+    labels = {t.get_text(): t.xyann for t in fig.axes[0].texts}
+    assert set(labels) == {"TA", "TIES"} and {t.get_text() for t in fig.axes[1].texts} == {"Twin"}
+    assert abs(labels["TIES"][1] - labels["TA"][1]) >= 5.5  # close points: labels kept apart
+
+
+def test_spread_keeps_a_minimum_gap_and_the_order():
+    assert viz._spread([10.0, 0.0, 11.0], gap=5.0) == [10.0, 0.0, 15.0]
 
 
 def test_cli_prints_and_writes_the_leaderboard_from_saved_results(tmp_path, monkeypatch, capsys):
