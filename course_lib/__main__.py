@@ -116,14 +116,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     print(f"Model Merging from Scratch, leaderboard - {describe()}")
     start = time.perf_counter()
-    records = []
-    for track in leaderboard.TRACKS:
-        cached = leaderboard.load(
-            leaderboard.results_path(track, profile()), leaderboard.fingerprint(track, profile())
-        )
-        how = "reused" if cached and not args.recompute else "computing (a few minutes)"
-        print(f"{track} track: {how} {leaderboard.results_path(track, profile()).name}")
-        records.append(leaderboard.track_results(track, recompute=args.recompute))
+    records = [
+        leaderboard.track_results(track, recompute=args.recompute, log=print)
+        for track in leaderboard.TRACKS
+    ]
     paths = leaderboard.figures(records, RESULTS_DIR / "figures")
     print("figures: " + ", ".join(str(p.relative_to(RESULTS_DIR)) for p in paths))
     return _report(leaderboard.leaderboard_markdown(records), "leaderboard.md", start)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,14 +167,21 @@ def load(path: Path, expected: str | None = None) -> TrackResult | None:
 
 
 def track_results(
-    track: str, profile: str | None = None, *, recompute: bool = False, progress: bool = True
+    track: str,
+    profile: str | None = None,
+    *,
+    recompute: bool = False,
+    progress: bool = True,
+    log: Callable[[str], object] | None = None,
 ) -> TrackResult:
     """The track's results: from ``results/`` when the fingerprint matches, else computed (and
     saved). Computing takes minutes on a CPU (vision ~2 min, LLM ~3 min once its experts are
-    cached)."""
+    cached). ``log`` (e.g. ``print``) is told which of the two happens."""
     profile = profile or config.profile()
     path = results_path(track, profile)
     cached = None if recompute else load(path, fingerprint(track, profile))
+    if log is not None:
+        log(f"{track} track: {'reused' if cached else 'computing (a few minutes)'} {path.name}")
     if cached is not None:
         return cached
     config.seed_everything()

@@ -109,11 +109,16 @@ def test_track_results_reuses_a_matching_file_and_recomputes_a_stale_one(tmp_pat
         raise RuntimeError("computing")
 
     monkeypatch.setattr("course_lib.models.zoo.load_zoo", lambda *a, **k: fake_run("vision"))
-    assert leaderboard.track_results("vision", "mini").fingerprint == fp
+    said = []
+    assert leaderboard.track_results("vision", "mini", log=said.append).fingerprint == fp
     assert calls == []
     leaderboard.save(_record(fingerprint="stale"))
     with pytest.raises(RuntimeError, match="computing"):
-        leaderboard.track_results("vision", "mini")
+        leaderboard.track_results("vision", "mini", log=said.append)
+    assert said == [
+        "vision track: reused mini_vision.json",
+        "vision track: computing (a few minutes) mini_vision.json",
+    ]
     leaderboard.save(_record(fingerprint=fp))
     with pytest.raises(RuntimeError, match="computing"):
         leaderboard.track_results("vision", "mini", recompute=True)
