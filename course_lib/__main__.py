@@ -1,8 +1,9 @@
 """Command line.
 
 * ``python -m course_lib zoo``    - build (or verify and repair) the model zoo of the profile;
-* ``python -m course_lib course`` - the course's main job: the zoo, then every method on it,
-  printed as absolute and normalized accuracy tables and written to ``results/``;
+* ``python -m course_lib course`` - the course's main job: the zoo, then every method on it
+  (or their saved results, when neither the code nor the zoo changed since), printed as
+  absolute and normalized accuracy tables and written to ``results/``;
 * ``python -m course_lib llm``    - the LLM track: SmolLM2, four LoRA experts (trained once,
   cached), every method, written to ``results/<profile>_llm_results.md``;
 * ``python -m course_lib leaderboard`` - both tracks in one table with each method's costs,
@@ -37,17 +38,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def results_markdown(res, neg) -> str:
-    """The README/results tables: absolute and normalized accuracy, choices, negation."""
+def results_markdown(record, neg) -> str:
+    """The README/results tables of the vision track (a ``leaderboard.TrackResult``): absolute
+    and normalized accuracy, the lambdas chosen, Twin-Merging's costs, the negation."""
     from course_lib.eval import markdown, results_table
 
-    tasks = list(res.experts)
-    absolute = results_table(res.absolute, tasks)
-    norm = results_table(
-        {k: v for k, v in res.absolute.items() if k != "zero-shot"}, tasks, normalize_by=res.experts
-    )
-    chosen = ", ".join(f"{k} λ={v:g}" for k, v in res.chosen.items())
-    tw = res.twin
+    tasks = record.tasks
+    absolute = results_table(record.absolute, tasks)
+    merges = {k: v for k, v in record.absolute.items() if k != "zero-shot"}
+    norm = results_table(merges, tasks, normalize_by=record.experts)
+    chosen = ", ".join(f"{k} λ={v:g}" for k, v in record.chosen.items())
+    notes = record.notes
     others = [t for t in tasks if t != neg.task]
     worst = max(neg.zeroshot[t] - neg.negated[t] for t in others)
     return "\n".join(
@@ -61,9 +62,10 @@ def results_markdown(res, neg) -> str:
             markdown(norm),
             "",
             f"λ chosen on the validation split: {chosen}. Twin-Merging: shared expert = task "
-            f"arithmetic λ=0.3, twin vectors SVD-compressed to rank ratio {tw.rank_ratio:g} "
-            f"(stored/dense parameters {tw.compression:.3f}), router accuracy "
-            f"{tw.router_accuracy:.1f}% on the test inputs, weights merged per input.",
+            f"arithmetic λ=0.3, twin vectors SVD-compressed to rank ratio "
+            f"{notes['twin rank ratio']:g} (stored/dense parameters "
+            f"{notes['twin compression']:.3f}), router accuracy "
+            f"{notes['router accuracy (%)']:.1f}% on the test inputs, weights merged per input.",
             "",
             f"Negation: θ0 − {neg.scaling:g}·τ_{neg.task} takes {neg.task} from "
             f"{neg.zeroshot[neg.task]:.1f}% to {neg.negated[neg.task]:.1f}%; the largest drop on "
@@ -80,11 +82,11 @@ def cmd_course(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     seed_everything(args.seed)
     zoo = load_zoo()
-    print(f"zoo ready ({time.perf_counter() - start:.0f} s); merging ...")
-    res = experiments.run_all(zoo)
-    leaderboard.save(leaderboard.vision_record(res, zoo))
+    print(f"zoo ready ({time.perf_counter() - start:.0f} s)")
+    # every method on the zoo; reused from results/ when the code and the zoo are unchanged
+    record = leaderboard.track_results("vision", zoo.profile, log=print)
     neg = experiments.negation(zoo, args.negate or zoo.task_names[-1])
-    return _report(results_markdown(res, neg), f"{zoo.profile}_results.md", start)
+    return _report(results_markdown(record, neg), f"{zoo.profile}_results.md", start)
 
 
 def _report(text: str, name: str, start: float) -> int:

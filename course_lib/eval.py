@@ -24,7 +24,7 @@ def predictions(
     split: str = "test",
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 512,
+    batch_size: int = 128,
     limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(predicted, true)`` labels of a classifier (a module mapping pixels to logits)."""
@@ -42,7 +42,7 @@ def accuracy(
     split: str = "test",
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 512,
+    batch_size: int = 128,
     limit: int | None = None,
 ) -> float:
     """Top-1 accuracy in percent."""

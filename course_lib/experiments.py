@@ -93,7 +93,7 @@ def features(zoo: Zoo, state: Mapping[str, Tensor], task: str, split: str, limit
     """Normalized image embeddings of one split under ``state``: the router's input."""
     enc = zoo.encoder(state).to(config.device())
     out = []
-    for x, _ in zoo.tasks[task].batches(split, 512, limit=limit):
+    for x, _ in zoo.tasks[task].batches(split, 128, limit=limit):
         out.append(F.normalize(enc(pixel_values=x.to(config.device())).image_embeds, dim=-1).cpu())
     return torch.cat(out)
 

@@ -118,7 +118,11 @@ def vision_record(res, zoo) -> TrackResult:
     if res.twin is not None:
         tw = res.twin
         stored["Twin-Merging"] = 1.0 + (tw.stored_params + tw.router_params) / one
-        notes = {"router accuracy (%)": tw.router_accuracy, "twin compression": tw.compression}
+        notes = {
+            "router accuracy (%)": tw.router_accuracy,
+            "twin compression": tw.compression,
+            "twin rank ratio": tw.rank_ratio,
+        }
     return TrackResult(
         "vision", zoo.profile, "accuracy", res.absolute, res.experts, res.chosen,
         res.seconds, stored, notes, fingerprint("vision", zoo.profile),

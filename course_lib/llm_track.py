@@ -54,6 +54,13 @@ class LLMZoo:
     pretrained: StateDict
     experts: dict[str, StateDict]
     info: dict = field(default_factory=dict)
+    frozen: llm.FrozenLayers | None = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # the merges change the adapted layers only: below the lowest one, every merged model
+        # is the base model, and generation reuses that part of the prompt work
+        first = min(_layer_index(k) for k in self.pretrained)
+        self.frozen = llm.FrozenLayers(self.model, first) if first > 0 else None
 
     @property
     def task_names(self) -> list[str]:
@@ -93,6 +100,7 @@ class LLMZoo:
                 self.tok,
                 llm.chat_prompts(self.tok, t, t.examples(split)[:limit]),
                 max_new_tokens=llm.max_new_tokens_for(self.tok, t),
+                frozen=self.frozen,
             )
 
     def evaluate(
@@ -109,6 +117,14 @@ class LLMZoo:
             answers = [e.answer for e in self.tasks[t].examples(split)[:limit]]
             out[t] = exact_match(self.answers(state, t, split, limit), answers)
         return out
+
+
+def _layer_index(key: str) -> int:
+    """The decoder layer of a weight key (``model.layers.<i>.…``)."""
+    parts = key.split(".")
+    if "layers" not in parts:
+        raise ValueError(f"{key!r} is not a decoder-layer weight")
+    return int(parts[parts.index("layers") + 1])
 
 
 def _base_id(profile: str, model) -> str:
@@ -279,7 +295,11 @@ def _generate_items(zoo: LLMZoo, state, items: Sequence[StreamItem]) -> list[str
                 continue
             prompts = llm.chat_prompts(zoo.tok, zoo.tasks[t], [items[i].example for i in idx])
             out = llm.generate(
-                m, zoo.tok, prompts, max_new_tokens=llm.max_new_tokens_for(zoo.tok, zoo.tasks[t])
+                m,
+                zoo.tok,
+                prompts,
+                max_new_tokens=llm.max_new_tokens_for(zoo.tok, zoo.tasks[t]),
+                frozen=zoo.frozen,
             )
             for i, p in zip(idx, out, strict=True):
                 preds[i] = p

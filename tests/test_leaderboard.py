@@ -129,14 +129,22 @@ def test_vision_record_counts_storage_in_models():
     pre = {"w": torch.zeros(10, 10), "b": torch.zeros(100), "ids": torch.arange(5)}
     zoo = SimpleNamespace(pretrained=pre, task_names=["a", "b"], profile="mini")
     twin = SimpleNamespace(stored_params=50, router_params=10, router_accuracy=90.0,
-                           compression=0.25)  # fmt: skip
+                           compression=0.25, rank_ratio=0.1)  # fmt: skip
     rec = _record()
     res = SimpleNamespace(absolute=rec.absolute, experts=rec.experts, chosen={}, seconds={},
                           twin=twin)  # fmt: skip
     out = leaderboard.vision_record(res, zoo)
     assert out.stored["experts"] == 2.0 and out.stored["task arithmetic"] == 1.0
     assert out.stored["Twin-Merging"] == pytest.approx(1.0 + 60 / 200)  # int buffer not counted
-    assert out.notes["router accuracy (%)"] == 90.0
+    assert out.notes["router accuracy (%)"] == 90.0 and out.notes["twin rank ratio"] == 0.1
+    # `python -m course_lib course` prints its tables from such a record and a negation run
+    from course_lib.__main__ import results_markdown
+
+    neg = SimpleNamespace(task="b", scaling=0.5, zeroshot={"a": 50.0, "b": 40.0},
+                          negated={"a": 47.5, "b": 5.0})  # fmt: skip
+    text = results_markdown(out, neg)
+    assert "rank ratio 0.1 (stored/dense parameters 0.250), router accuracy 90.0%" in text
+    assert "takes b from 40.0% to 5.0%; the largest drop on another task is 2.5 points" in text
 
 
 def test_llm_record_counts_lora_factors_and_twin():

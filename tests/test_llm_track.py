@@ -304,3 +304,60 @@ def test_run_llm_all_fills_every_row(tiny_zoo):
     assert set(res.chosen) == {"task arithmetic", "TIES-Merging", "PCB-Merging"}
     text = llm_results_markdown(res)
     assert "| LoRA experts | 100.0 | 100.0 | 100.0 |" in text and "router accuracy" in text
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+
+def _hf_greedy(model, tok, prompts, max_new_tokens, eos):
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+        eos_token_id=eos,
+    )  # fmt: skip
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+def test_greedy_decode_gives_generates_tokens_and_reuses_the_frozen_layers():
+    model, tok = tiny_llm(layers=3)
+    prompts = ["what is colour of sky", "ball", "what is shape of the round yellow sun"]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    args = (model, enc["input_ids"], enc["attention_mask"])
+    free = llm.greedy_decode(*args, max_new_tokens=6, eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(free, _hf_greedy(model, tok, prompts, 6, eos=[-1]))
+    # an end of turn half-way through row 0: that row is padded after it, the others go on
+    p = next(i for i in range(2, 6) if int(free[0, i]) not in free[0, :i].tolist())
+    eos = int(free[0, p])
+    ours = llm.greedy_decode(*args, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, _hf_greedy(model, tok, prompts, 6, eos=eos))
+    assert ours[0, p] == eos and (ours[0, p + 1 :] == 0).all()
+
+    frozen = llm.FrozenLayers(model, first=2)
+    key = tuple(prompts)
+    kw = {"max_new_tokens": 6, "eos_token_id": -1, "pad_token_id": 0, "prompts": key}
+    assert torch.equal(llm.greedy_decode(*args, frozen=frozen, **kw), free)  # kept
+    kept = [t.clone() for kv in frozen.get(key)[0] for t in kv]
+    with torch.no_grad():  # a "merge": only the layer above the frozen ones changes
+        for p in model.model.layers[2].parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    reused = llm.greedy_decode(*args, frozen=frozen, **kw)
+    assert (frozen.misses, frozen.hits) == (1, 1)
+    assert torch.equal(
+        reused, llm.greedy_decode(*args, max_new_tokens=6, eos_token_id=-1, pad_token_id=0)
+    )
+    assert not torch.equal(reused, free)  # the top layer did change the answers
+    after = [t for kv in frozen.get(key)[0] for t in kv]
+    assert all(torch.equal(a, b) for a, b in zip(kept, after, strict=True))  # never written
+    with pytest.raises(ValueError, match="another model"):
+        llm.greedy_decode(tiny_llm(layers=3)[0], *args[1:], frozen=frozen, **kw)
+    with pytest.raises(ValueError, match="1..2"):
+        llm.FrozenLayers(model, first=3)
+
+
+def test_llm_zoo_reuses_the_layers_below_the_adapted_ones(tiny_zoo):
+    zoo = tiny_zoo
+    assert zoo.frozen.first == 1  # SPEC adapts the top layer of two
+    before = zoo.frozen.hits
+    first = zoo.evaluate(zoo.experts["colour"], "test")
+    assert zoo.evaluate(zoo.experts["colour"], "test") == first
+    assert zoo.frozen.hits >= before + 2  # the second evaluation ran the top layer only

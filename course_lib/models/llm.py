@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from course_lib import config
+from course_lib.models.lora import top_layers_only
 from course_lib.models.zoo import Manifest, atomic_path, sha256
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -112,27 +115,129 @@ def chat_prompts(tok, task, examples) -> list[str]:
     ]
 
 
+class FrozenLayers:
+    """The prompt work of the decoder layers that no merge of the LLM track changes, kept.
+
+    LoRA adapts, and the merges therefore change, only the decoder layers ``first`` and above.
+    Every merged model is the base model below them, so for a batch of prompts it has seen
+    before, :func:`greedy_decode` reuses those layers' key/value cache and the hidden state that
+    enters layer ``first``, and runs only the top layers on the prompt. The answers are the same
+    as a full run's; the prompt costs (N - first) / N of a full forward pass (1/3 for SmolLM2,
+    10 of 30 layers). At most ``max_batches`` prompt batches are kept (least recently used out).
+    """
+
+    def __init__(self, model: torch.nn.Module, first: int, max_batches: int = 64):
+        n = model.config.num_hidden_layers
+        if not 0 < first < n:
+            raise ValueError(f"first frozen-above layer must be in 1..{n - 1}, got {first}")
+        self.model, self.first, self.max_batches = model, first, max_batches
+        self._kept: OrderedDict[tuple[str, ...], tuple[list[tuple[Tensor, Tensor]], Tensor]]
+        self._kept = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, prompts: tuple[str, ...]):
+        kept = self._kept.get(prompts)
+        if kept is not None:
+            self._kept.move_to_end(prompts)
+        return kept
+
+    def keep(self, prompts: tuple[str, ...], cache, hidden: Tensor) -> None:
+        """Store the bottom layers' keys/values (from ``cache``) and the input of layer ``first``."""
+        bottom = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.first)]
+        self._kept[prompts] = (bottom, hidden)
+        while len(self._kept) > self.max_batches:
+            self._kept.popitem(last=False)
+
+
+def _prefill(model, ids: Tensor, mask: Tensor, pos: Tensor, cache, frozen, prompts) -> Tensor:
+    """Run the prompt through the model, filling ``cache``; the next-token logits [B, vocab]."""
+    kept = frozen.get(prompts) if frozen is not None else None
+    if kept is None:
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            use_cache=True, logits_to_keep=1, output_hidden_states=frozen is not None,
+        )  # fmt: skip
+        if frozen is not None:
+            frozen.misses += 1
+            frozen.keep(prompts, cache, out.hidden_states[frozen.first])
+        return out.logits[:, -1].float()
+    frozen.hits += 1
+    bottom, hidden = kept
+    with top_layers_only(model, frozen.first):  # layer_idx first.. fill the cache's top layers
+        h = model.model(
+            inputs_embeds=hidden, attention_mask=mask, position_ids=pos,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # fmt: skip
+    for i, (k, v) in enumerate(bottom):
+        cache.layers[i].update(k, v)  # copies: the kept tensors are never written
+    return model.lm_head(h[:, -1]).float()
+
+
+@torch.no_grad()
+def greedy_decode(
+    model,
+    ids: Tensor,
+    mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    frozen: FrozenLayers | None = None,
+    prompts: tuple[str, ...] = (),
+) -> Tensor:
+    """Greedy decoding of a left-padded batch: the new tokens, [B, <= max_new_tokens].
+
+    The same tokens as ``model.generate(do_sample=False)``: positions count the real tokens of
+    each row, a finished row (end of turn) gets ``pad_token_id``, and decoding stops when every
+    row has finished. With ``frozen`` (and the batch's ``prompts`` as key) the frozen bottom
+    layers' work on a prompt batch seen before is reused (:class:`FrozenLayers`).
+    """
+    from transformers import DynamicCache
+
+    if frozen is not None and frozen.model is not model:
+        raise ValueError("frozen layers were kept for another model")
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    logits = _prefill(model, ids, mask, pos, cache, frozen, prompts)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    new = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1).masked_fill(done, pad_token_id)
+        new.append(token)
+        done |= token == eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=pos,
+            past_key_values=cache, use_cache=True,
+        ).logits[:, -1].float()  # fmt: skip
+    return torch.stack(new, dim=1)
+
+
 @torch.no_grad()
 def generate(
-    model, tok, prompts: list[str], *, max_new_tokens: int = 12, batch_size: int = 64
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 64,
+    frozen: FrozenLayers | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches; stops at end of turn)."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        enc = tok(
-            prompts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        ).to(model.device)
-        ids = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        batch = tuple(prompts[start : start + batch_size])
+        enc = tok(list(batch), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        ids = greedy_decode(
+            model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, frozen=frozen,
+            prompts=batch,
+        )  # fmt: skip
+        out += tok.batch_decode(ids, skip_special_tokens=True)
     return out
 
 
