@@ -36,6 +36,7 @@ def execute(path: Path, target: Path, timeout: int = 900) -> float:
         resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     seconds = time.perf_counter() - t0
+    nb.metadata.pop("widgets", None)  # state of progress-bar widgets: noise in a stored notebook
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, target)
     return seconds
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inplace", action="store_true", help="overwrite notebooks/ with the outputs")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
     args = ap.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the stored outputs
+    # progress bars would fill the stored outputs (with ipywidgets installed, transformers' own
+    # bars become widgets that ignore TQDM_DISABLE; huggingface_hub's switch turns them off)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         paths = [p for p in paths if any(p.name.startswith(o) for o in args.only)]
