@@ -84,7 +84,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     zoo = load_zoo()
     print(f"zoo ready ({time.perf_counter() - start:.0f} s)")
     # every method on the zoo; reused from results/ when the code and the zoo are unchanged
-    record = leaderboard.track_results("vision", zoo.profile, log=print)
+    record = leaderboard.track_results("vision", zoo.profile, log=print, zoo=zoo)
     neg = experiments.negation(zoo, args.negate or zoo.task_names[-1])
     return _report(results_markdown(record, neg), f"{zoo.profile}_results.md", start)
 

@@ -16,6 +16,11 @@ from torch import Tensor, nn
 
 from course_lib.data.base import VisionTask
 
+# Images per forward pass when evaluating. Smaller batches stay in the CPU's caches: the mini
+# encoder read the eight test sets in 2.4 s with 128 against 3.2 s with 512 (2 cores, one A/B
+# run), with the same predictions.
+EVAL_BATCH_SIZE = 128
+
 
 @torch.no_grad()
 def predictions(
@@ -24,11 +29,15 @@ def predictions(
     split: str = "test",
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 128,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(predicted, true)`` labels of a classifier (a module mapping pixels to logits)."""
-    model.eval()
+    """``(predicted, true)`` labels of a classifier (a module mapping pixels to logits).
+
+    The model is moved to ``device`` (all of it: a zero-shot head is a buffer of the classifier,
+    and an encoder already on the GPU with its head left on the CPU cannot run).
+    """
+    model.to(device).eval()
     preds, labels = [], []
     for x, y in task.batches(split, batch_size, limit=limit):
         preds.append(model(x.to(device)).argmax(dim=-1).cpu())
@@ -42,7 +51,7 @@ def accuracy(
     split: str = "test",
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 128,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
 ) -> float:
     """Top-1 accuracy in percent."""

@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 
 from course_lib import config
 from course_lib.config import progress_bar
+from course_lib.eval import EVAL_BATCH_SIZE
 from course_lib.merging import (
     Router,
     compress,
@@ -93,7 +94,7 @@ def features(zoo: Zoo, state: Mapping[str, Tensor], task: str, split: str, limit
     """Normalized image embeddings of one split under ``state``: the router's input."""
     enc = zoo.encoder(state).to(config.device())
     out = []
-    for x, _ in zoo.tasks[task].batches(split, 128, limit=limit):
+    for x, _ in zoo.tasks[task].batches(split, EVAL_BATCH_SIZE, limit=limit):
         out.append(F.normalize(enc(pixel_values=x.to(config.device())).image_embeds, dim=-1).cpu())
     return torch.cat(out)
 

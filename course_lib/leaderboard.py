@@ -177,11 +177,15 @@ def track_results(
     recompute: bool = False,
     progress: bool = True,
     log: Callable[[str], object] | None = None,
+    zoo=None,
 ) -> TrackResult:
     """The track's results: from ``results/`` when the fingerprint matches, else computed (and
     saved). Computing takes minutes on a CPU (vision ~2 min, LLM ~3 min once its experts are
-    cached). ``log`` (e.g. ``print``) is told which of the two happens."""
+    cached). ``log`` (e.g. ``print``) is told which of the two happens; ``zoo``, the track's
+    zoo when the caller has already loaded it, is used instead of loading it again."""
     profile = profile or config.profile()
+    if zoo is not None and zoo.profile != profile:
+        raise ValueError(f"the zoo given is of profile {zoo.profile!r}, not {profile!r}")
     path = results_path(track, profile)
     cached = None if recompute else load(path, fingerprint(track, profile))
     if log is not None:
@@ -193,12 +197,12 @@ def track_results(
         from course_lib import experiments
         from course_lib.models.zoo import load_zoo
 
-        zoo = load_zoo(profile)
+        zoo = zoo or load_zoo(profile)
         record = vision_record(experiments.run_all(zoo, progress=progress), zoo)
     elif track == "llm":
         from course_lib.llm_track import load_llm_zoo, run_llm_all
 
-        zoo = load_llm_zoo(profile, progress=progress)
+        zoo = zoo or load_llm_zoo(profile, progress=progress)
         record = llm_record(run_llm_all(zoo, progress=progress), zoo)
     else:
         raise ValueError(f"track must be one of {TRACKS}, got {track!r}")

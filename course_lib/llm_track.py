@@ -31,7 +31,14 @@ from course_lib.merging import compress, merge_with_weights, shared_expert, trai
 from course_lib.merging import twin_vectors as make_twin_vectors
 from course_lib.merging.twin import CompressedVector, Router
 from course_lib.models import llm
-from course_lib.models.lora import LoraExpert, LoraSpec, adapted_keys, base_state, build_experts
+from course_lib.models.lora import (
+    LoraExpert,
+    LoraSpec,
+    adapted_keys,
+    base_state,
+    build_experts,
+    layer_index,
+)
 
 StateDict = dict[str, Tensor]
 
@@ -59,7 +66,10 @@ class LLMZoo:
     def __post_init__(self):
         # the merges change the adapted layers only: below the lowest one, every merged model
         # is the base model, and generation reuses that part of the prompt work
-        first = min(_layer_index(k) for k in self.pretrained)
+        outside = [k for k in self.pretrained if layer_index(k) is None]
+        if outside:
+            raise ValueError(f"{outside[0]!r} is not a decoder-layer weight (LoRA adapts layers)")
+        first = min(layer_index(k) for k in self.pretrained)
         self.frozen = llm.FrozenLayers(self.model, first) if first > 0 else None
 
     @property
@@ -117,14 +127,6 @@ class LLMZoo:
             answers = [e.answer for e in self.tasks[t].examples(split)[:limit]]
             out[t] = exact_match(self.answers(state, t, split, limit), answers)
         return out
-
-
-def _layer_index(key: str) -> int:
-    """The decoder layer of a weight key (``model.layers.<i>.…``)."""
-    parts = key.split(".")
-    if "layers" not in parts:
-        raise ValueError(f"{key!r} is not a decoder-layer weight")
-    return int(parts[parts.index("layers") + 1])
 
 
 def _base_id(profile: str, model) -> str:

@@ -124,6 +124,17 @@ def test_track_results_reuses_a_matching_file_and_recomputes_a_stale_one(tmp_pat
         leaderboard.track_results("vision", "mini", recompute=True)
     assert calls == ["vision", "vision"]
 
+    def run_all(zoo, progress):
+        return fake_run(f"run_all on {zoo.profile}")
+
+    monkeypatch.setattr("course_lib.experiments.run_all", run_all)
+    loaded = SimpleNamespace(profile="mini")  # a zoo the caller has loaded is not loaded again
+    with pytest.raises(RuntimeError, match="computing"):
+        leaderboard.track_results("vision", "mini", recompute=True, zoo=loaded)
+    assert calls[-1] == "run_all on mini"
+    with pytest.raises(ValueError, match="profile 'mini', not 'full'"):
+        leaderboard.track_results("vision", "full", recompute=True, zoo=loaded)
+
 
 def test_vision_record_counts_storage_in_models():
     pre = {"w": torch.zeros(10, 10), "b": torch.zeros(100), "ids": torch.arange(5)}

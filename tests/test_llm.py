@@ -40,6 +40,9 @@ def test_hub_layout_loads_offline_for_batched_generation(tiny_hub_dir):
         **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
     )
     assert out.shape[0] == 2 and out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert model.dtype == torch.float32  # on every device: merges must not round away tau
+    half, _ = llm.load_pretrained(tiny_hub_dir, device="cpu", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
 
 
 def test_missing_gguf_package_is_a_clear_error(monkeypatch):

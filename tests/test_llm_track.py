@@ -22,6 +22,7 @@ from course_lib.models.lora import (
     base_state,
     build_experts,
     encode_for_training,
+    end_of_turn_id,
     factor_merge,
     load_expert,
     save_expert,
@@ -70,6 +71,22 @@ def test_training_labels_only_the_answer_and_end_of_turn():
         assert kept == tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert mask[i].sum() == (ids[i] != tok.pad_token_id).sum()  # left padding, masked
         assert mask[i, -1] == 1
+
+
+def test_end_of_turn_comes_from_the_chat_template_not_the_eos_token():
+    _, tok = tiny_llm()
+    assert end_of_turn_id(tok) == tok.eos_token_id  # CHAT ends a turn with plain text: eos
+    tok.add_tokens(["<|end|>"], special_tokens=True)
+    tok.chat_template = CHAT.replace("{{ m['content'] }} ", "{{ m['content'] }}<|end|> ")
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end != tok.eos_token_id and end_of_turn_id(tok) == end  # like SmolLM2's <|im_end|>
+    task = tiny_tasks()["colour"]
+    _, labels, _ = encode_for_training(tok, task, task.examples("val"))
+    assert all(row[row != -100][-1] == end for row in labels)  # experts learn to stop there
+    tok.eos_token = None
+    tok.chat_template = CHAT
+    with pytest.raises(ValueError, match="nothing to stop decoding at"):
+        end_of_turn_id(tok)
 
 
 def test_lora_expert_learns_and_its_delta_is_scale_b_a():
@@ -188,6 +205,13 @@ def test_zoo_evaluates_states_and_restores_the_base(tiny_zoo):
     assert set(zoo.evaluate(merged)) == {"colour", "shape"}
     with pytest.raises(ValueError, match="not one of the LLM's adapted weights"):
         zoo.evaluate({"lm_head.weight": torch.zeros(1)})
+
+
+def test_zoo_of_non_layer_weights_is_a_clear_error(tiny_zoo):
+    z = tiny_zoo
+    head = {"lm_head.weight": z.model.lm_head.weight.detach().clone()}
+    with pytest.raises(ValueError, match="'lm_head.weight' is not a decoder-layer weight"):
+        LLMZoo("mini", z.model, z.tok, z.tasks, z.spec, z.loras, head, {})
 
 
 def test_twin_routes_a_mixed_stream(tiny_zoo):

@@ -102,18 +102,24 @@ class LoraExpert:
         return out
 
 
+def layer_index(key: str) -> int | None:
+    """The decoder layer of a weight key (``model.layers.<i>.…`` -> i), None outside the layers."""
+    parts = key.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
 def adapted_keys(model: torch.nn.Module, spec: LoraSpec) -> list[str]:
     """The weight keys LoRA adapts under ``spec`` (the keys every LLM merge touches)."""
     n_layers = model.config.num_hidden_layers
     first = n_layers - min(spec.top_layers, n_layers)
     keys = []
     for name, _ in model.named_parameters():
-        parts = name.split(".")
+        layer = layer_index(name)
         if (
             name.endswith(".weight")
-            and "layers" in parts
-            and int(parts[parts.index("layers") + 1]) >= first
-            and parts[-2] in spec.targets
+            and layer is not None
+            and layer >= first
+            and name.split(".")[-2] in spec.targets
         ):
             keys.append(name)
     if not keys:
@@ -130,16 +136,43 @@ def base_state(model: torch.nn.Module, keys: Sequence[str]) -> dict[str, Tensor]
 # ----------------------------------------------------------------------------- training
 
 
+def end_of_turn_id(tok) -> int:
+    """The token that closes an assistant turn in ``tok``'s chat template (``<|im_end|>`` for
+    SmolLM2 and Qwen2.5): LoRA experts learn to end their answers with it, decoding stops at it.
+
+    It is read from the template, not taken from ``tok.eos_token``, which depends on how the
+    tokenizer was made: transformers 5.17, converting SmolLM2's GGUF file, names
+    ``<|im_start|>`` the end-of-sequence token (5.23 names ``<|im_end|>``), and decoding that
+    waits for it runs past the answer ("16\n", "table urban fieldfield"). When the template
+    closes a turn with plain text rather than a special token, ``tok.eos_token_id`` is used.
+    """
+    marker = "ANSWERMARKER"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    added = tok.added_tokens_decoder.get(ids[0]) if ids else None
+    if ids and ((added is not None and added.special) or ids[0] in tok.all_special_ids):
+        return int(ids[0])
+    if tok.eos_token_id is None:
+        raise ValueError(
+            "the tokenizer has no end-of-sequence token and its chat template ends "
+            "an assistant turn without a special token: nothing to stop decoding at"
+        )
+    return int(tok.eos_token_id)
+
+
 def encode_for_training(tok, task: TextTask, examples: Sequence[TextExample]):
     """Left-padded ``(input_ids, labels, attention_mask)``: prompt (chat template) + answer +
     end-of-turn; labels are -100 everywhere except the answer and its end-of-turn token."""
+    end = end_of_turn_id(tok)
     rows = []
     for ex in examples:
         prompt = tok.apply_chat_template(
             task.messages(ex), tokenize=False, add_generation_prompt=True
         )
         p = tok(prompt, add_special_tokens=False)["input_ids"]
-        a = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        a = tok(ex.answer, add_special_tokens=False)["input_ids"] + [end]
         rows.append((p + a, [-100] * len(p) + a))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
