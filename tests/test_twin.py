@@ -116,6 +116,19 @@ def test_router_learns_separable_tasks():
     assert float((w.argmax(-1) == labels).float().mean()) > 0.95
 
 
+def test_router_initialization_depends_on_its_seed_only():
+    torch.manual_seed(1)
+    a = Router(8, 3)
+    torch.randn(100)  # other work draws on the global random state in between
+    state = torch.get_rng_state()
+    b = Router(8, 3)
+    assert torch.equal(state, torch.get_rng_state())  # and building a router leaves it alone
+    c = Router(8, 3, seed=1)
+    for k, va in a.state_dict().items():
+        assert torch.equal(va, b.state_dict()[k]), k
+    assert not torch.equal(a.net[0].weight, c.net[0].weight)
+
+
 def test_uniform_weights_give_the_average_and_one_hot_the_expert():
     pre, fts = random_models(num_tasks=4, seed=2)
     sh = shared_expert(pre, fts)

@@ -207,25 +207,35 @@ class Router(nn.Module):
     """MLP from pooled input features to task logits (Twin-Merging Sec. 3.3).
 
     Linear -> BatchNorm -> LeakyReLU -> Dropout, twice, then Linear to T logits; the hidden
-    size defaults to twice the feature size, as in the reference code.
+    size defaults to twice the feature size, as in the reference code. The initial weights come
+    from ``seed`` alone, not from whatever drew on torch's global random state before: the same
+    features then train the same router in a notebook, in ``python -m course_lib course`` and in
+    the leaderboard (the global state is left as it was).
     """
 
     def __init__(
-        self, in_features: int, num_tasks: int, hidden: int | None = None, dropout: float = 0.5
+        self,
+        in_features: int,
+        num_tasks: int,
+        hidden: int | None = None,
+        dropout: float = 0.5,
+        seed: int = 0,
     ):
         super().__init__()
         hidden = hidden or 2 * in_features
-        self.net = nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.LeakyReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.LeakyReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_tasks),
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Linear(in_features, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.LeakyReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.LeakyReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_tasks),
+            )
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
