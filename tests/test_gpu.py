@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_llm_track import SPEC, tiny_llm, tiny_tasks
+from test_llm_track import tiny_llm, train_tiny_zoo
 from test_zoo import TINY
 
 from course_lib.experiments import features
-from course_lib.llm_track import LLMZoo, build_twin, mixed_stream, twin_stream
+from course_lib.llm_track import build_twin, mixed_stream, twin_stream
 from course_lib.merging import ties_merging
-from course_lib.models import llm
-from course_lib.models.lora import adapted_keys, base_state, train_lora
 from course_lib.models.zoo import build_zoo, load_zoo
 from course_lib.train import finetune
 
@@ -62,23 +60,12 @@ def test_vision_finetuning_runs_on_the_gpu(vision_zoo):
 def test_llm_lora_decoding_merging_and_twin_on_the_gpu(dtype):
     model, tok = tiny_llm()
     model = model.to("cuda", dtype)  # float32 is the default; bfloat16 for large models
-    tasks = tiny_tasks()
-    loras = {
-        t: train_lora(
-            model, tok, task, SPEC, evaluate=lambda m, task=task: llm.task_accuracy(m, tok, task, "val"),
-            progress=False,
-        )
-        for t, task in tasks.items()
-    }  # fmt: skip
-    for e in loras.values():  # the factors come back as float32 CPU tensors, whatever the model
+    zoo = train_tiny_zoo(model, tok)
+    for e in zoo.loras.values():  # the factors come back as float32 CPU tensors, whatever the model
         assert all(a.device.type == b.device.type == "cpu" for a, b in e.factors.values())
         assert all(a.dtype == b.dtype == torch.float32 for a, b in e.factors.values())
         assert max(e.history["val_accuracy"]) == 100.0
-    base = base_state(model, adapted_keys(model, SPEC))
-    zoo = LLMZoo(
-        "mini", model, tok, tasks, SPEC, loras, base, {t: e.state(base) for t, e in loras.items()}
-    )
-    assert {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in tasks} == {
+    assert {t: zoo.evaluate(zoo.experts[t], "test", [t])[t] for t in zoo.tasks} == {
         "colour": 100.0,
         "shape": 100.0,
     }

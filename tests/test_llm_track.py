@@ -178,9 +178,8 @@ def test_lora_spec_and_state_errors_name_the_problem():
         e.state({"w": torch.zeros(3, 4)})
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo():
-    model, tok = tiny_llm()
+def train_tiny_zoo(model, tok) -> LLMZoo:
+    """One LoRA expert per tiny task on ``model`` (wherever it lives), as an LLMZoo."""
     tasks = tiny_tasks()
     loras = {
         t: train_lora(
@@ -192,6 +191,11 @@ def tiny_zoo():
     base = base_state(model, adapted_keys(model, SPEC))
     experts = {t: e.state(base) for t, e in loras.items()}
     return LLMZoo("mini", model, tok, tasks, SPEC, loras, base, experts)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo():
+    return train_tiny_zoo(*tiny_llm())
 
 
 def test_zoo_evaluates_states_and_restores_the_base(tiny_zoo):
