@@ -197,12 +197,12 @@ def track_results(
         from course_lib import experiments
         from course_lib.models.zoo import load_zoo
 
-        zoo = zoo or load_zoo(profile)
+        zoo = zoo if zoo is not None else load_zoo(profile)
         record = vision_record(experiments.run_all(zoo, progress=progress), zoo)
     elif track == "llm":
         from course_lib.llm_track import load_llm_zoo, run_llm_all
 
-        zoo = zoo or load_llm_zoo(profile, progress=progress)
+        zoo = zoo if zoo is not None else load_llm_zoo(profile, progress=progress)
         record = llm_record(run_llm_all(zoo, progress=progress), zoo)
     else:
         raise ValueError(f"track must be one of {TRACKS}, got {track!r}")
