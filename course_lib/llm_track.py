@@ -66,10 +66,11 @@ class LLMZoo:
     def __post_init__(self):
         # the merges change the adapted layers only: below the lowest one, every merged model
         # is the base model, and generation reuses that part of the prompt work
-        outside = [k for k in self.pretrained if layer_index(k) is None]
+        layers = {k: layer_index(k) for k in self.pretrained}
+        outside = [k for k, i in layers.items() if i is None]
         if outside:
             raise ValueError(f"{outside[0]!r} is not a decoder-layer weight (LoRA adapts layers)")
-        first = min(layer_index(k) for k in self.pretrained)
+        first = min(layers.values())
         self.frozen = llm.FrozenLayers(self.model, first) if first > 0 else None
 
     @property

@@ -148,7 +148,6 @@ def test_router_selection_by_val_loss_keeps_a_more_confident_epoch():
     y = torch.cat([torch.zeros(32), torch.ones(32)]).long()
     conf = {}
     for select in ("accuracy", "loss"):
-        torch.manual_seed(0)
         r = Router(4, 2, dropout=0.0)
         hist = train_router(r, x, y, (x, y), epochs=40, lr=1e-2, select=select, progress=False)
         conf[select] = (hist.best_epoch, float(r.weights(x).max(-1).values.mean()))

@@ -242,14 +242,14 @@ def generate(
     frozen: FrozenLayers | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches; stops at end of turn)."""
-    out = []
+    out, end_of_turn = [], end_of_turn_id(tok)
     for start in range(0, len(prompts), batch_size):
         batch = tuple(prompts[start : start + batch_size])
         enc = tok(list(batch), return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
         ids = greedy_decode(
             model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-            eos_token_id=end_of_turn_id(tok), pad_token_id=tok.pad_token_id, frozen=frozen,
+            eos_token_id=end_of_turn, pad_token_id=tok.pad_token_id, frozen=frozen,
             prompts=batch,
         )  # fmt: skip
         out += tok.batch_decode(ids, skip_special_tokens=True)

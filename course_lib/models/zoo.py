@@ -117,7 +117,6 @@ class Zoo:
             self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
         enc = self._encoder
         enc.load_state_dict(dict(state or self.pretrained), strict=True)
-        enc.to(config.device())
         out = {}
         for t in tasks or self.task_names:
             clf = ZeroShotClassifier(enc, self.heads[t], self.logit_scale)
