@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from course_lib.state import check_number
+
 UNSUPPORTED = {
     "pcb": "PCB-Merging (intra/inter-balancing) has no mergekit method; use "
     "course_lib.merging.pcb_merging on the state dicts",
@@ -32,6 +34,12 @@ UNSUPPORTED = {
     "the compressed twin vectors and the router next to it)",
 }
 SUPPORTED = ("average", "task_arithmetic", "ties", "dare")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_name(what: str, name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} must be a hub id or a local directory, got {name!r}")
 
 
 def mergekit_config(
@@ -53,12 +61,20 @@ def mergekit_config(
         raise ValueError(f"method {method!r}: {UNSUPPORTED[method]}")
     if method not in SUPPORTED:
         raise ValueError(f"unknown method {method!r}; mergekit export supports {SUPPORTED}")
+    _check_name("base_model", base_model)
+    if isinstance(models, (str, bytes)) or not isinstance(models, Sequence):
+        raise ValueError(f"models must be a list of checkpoint names, got {models!r}")
     if not models:
         raise ValueError("models must name at least one fine-tuned checkpoint")
-    if not 0.0 < density <= 1.0:
+    for i, m in enumerate(models):
+        _check_name(f"models[{i}]", m)
+    scaling = check_number("scaling", scaling)  # one lambda: per-task lambdas are not exported
+    if not 0.0 < check_number("density", density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if not 0.0 <= drop_rate < 1.0:
+    if not 0.0 <= check_number("drop_rate", drop_rate) < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if method == "average":
         return {
             "merge_method": "linear",

@@ -14,6 +14,8 @@ dicts. This module holds the pieces they all share:
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +172,35 @@ def validate(
             _check_finite(name, sd[name], where)
 
 
+def check_number(name: str, value: float) -> float:
+    """A finite real number (``bool`` is refused: ``True`` is not a scaling coefficient).
+    Python and NumPy numbers and one-element float/int tensors are accepted."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; it must be finite")
+    return float(value)
+
+
+def check_tied(plan_: MergePlan, finetuned: Sequence[Mapping[str, Tensor]]) -> None:
+    """Keys tied in the reference (one storage, e.g. ``lm_head.weight`` and the embeddings) are
+    merged once, from the first of them; each fine-tuned model must hold equal values there,
+    or its change to the other key would be dropped without a word."""
+    for alias, target in plan_.aliases.items():
+        for i, sd in enumerate(finetuned):
+            a, b = sd[alias], sd[target]
+            if _storage_id(a) is not None and _storage_id(a) == _storage_id(b):
+                continue
+            if not torch.equal(a, b):
+                raise ValueError(
+                    f"key {alias!r} is tied to {target!r} in the reference model (one tensor) "
+                    f"but holds different values in finetuned[{i}]; tie them there too or "
+                    f"exclude one of the two keys"
+                )
+
+
 def check_fraction(name: str, value: float) -> float:
     """Validate a keep fraction such as TIES ``density`` or PCB ``ratio``: must lie in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -181,10 +212,14 @@ def check_fraction(name: str, value: float) -> float:
 
 def check_scaling(scaling: float | Sequence[float], num_tasks: int) -> list[float]:
     """Return one finite scaling coefficient per task (a scalar is broadcast)."""
+    if isinstance(scaling, Tensor) and scaling.dim() == 0:
+        scaling = float(scaling)
     if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
         values = [float(scaling)] * num_tasks
     else:
-        values = [float(s) for s in scaling]
+        if isinstance(scaling, (bool, str, bytes)) or not isinstance(scaling, Iterable):
+            raise ValueError(f"scaling must be a number or one number per task, got {scaling!r}")
+        values = [check_number(f"scaling[{i}]", v) for i, v in enumerate(scaling)]
         if len(values) != num_tasks:
             raise ValueError(
                 f"scaling has {len(values)} values but there are {num_tasks} fine-tuned models; "
@@ -283,6 +318,7 @@ class TaskVector(Mapping[str, Tensor]):
     def __mul__(self, scalar: float) -> TaskVector:
         if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
             return NotImplemented
+        check_number("the scalar", scalar)
         return TaskVector({k: v * scalar for k, v in self.vector.items()})
 
     __rmul__ = __mul__
@@ -306,11 +342,15 @@ class TaskVector(Mapping[str, Tensor]):
         return float(dot / max(self.norm() * other.norm(), 1e-30))
 
     def apply_to(self, pretrained: Mapping[str, Tensor], scaling: float = 1.0) -> StateDict:
-        """Return ``theta_0 + scaling * tau``; keys not in the vector are copied unchanged."""
+        """Return ``theta_0 + scaling * tau``; keys not in the vector are copied unchanged,
+        except a key tied to one in the vector (same storage in ``pretrained``, e.g. a tied
+        ``lm_head.weight``), which stays tied to the updated tensor."""
+        scaling = check_number("scaling", scaling)
         missing = [k for k in self.vector if k not in pretrained]
         if missing:
             raise ValueError(f"key {missing[0]!r} of the task vector is not in pretrained")
         out: StateDict = {}
+        updated: dict[tuple, str] = {}  # storage of pretrained tensors that are updated
         for name, base in pretrained.items():
             if name in self.vector:
                 delta = self.vector[name]
@@ -319,10 +359,20 @@ class TaskVector(Mapping[str, Tensor]):
                         f"key {name!r}: task vector shape {_fmt_shape(delta)} but pretrained "
                         f"shape {_fmt_shape(base)}"
                     )
+                if not (base.is_floating_point() and delta.is_floating_point()):
+                    raise ValueError(
+                        f"key {name!r}: cannot add a task vector of dtype {delta.dtype} to a "
+                        f"pretrained tensor of dtype {base.dtype} (floating-point tensors only)"
+                    )
                 out[name] = (base.float() + scaling * delta.float()).to(base.dtype)
-            else:
-                out[name] = base.clone()
-        return out
+                sid = _storage_id(base)
+                if sid is not None:
+                    updated.setdefault(sid, name)
+        for name, base in pretrained.items():
+            if name not in out:
+                tied = updated.get(_storage_id(base)) if _storage_id(base) is not None else None
+                out[name] = out[tied] if tied is not None else base.clone()
+        return {k: out[k] for k in pretrained}
 
 
 def task_vector(
@@ -334,6 +384,7 @@ def task_vector(
     """``tau = theta_ft - theta_0`` over the merged keys (Ilharco et al., 2023, Eq. 1)."""
     validate(pretrained, [finetuned_one])
     p = plan(pretrained, keys, exclude)
+    check_tied(p, [finetuned_one])
     return TaskVector({k: finetuned_one[k] - pretrained[k] for k in p.merged})
 
 
@@ -346,4 +397,5 @@ def task_vectors(
     """One :class:`TaskVector` per fine-tuned model."""
     validate(pretrained, finetuned)
     p = plan(pretrained, keys, exclude)
+    check_tied(p, finetuned)
     return [TaskVector({k: ft[k] - pretrained[k] for k in p.merged}) for ft in finetuned]

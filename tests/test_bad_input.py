@@ -122,3 +122,160 @@ def test_bad_average_weights():
         weight_average(fts, weights=[1.0, 1.0])
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         weight_average(fts, weights=[1.0, -1.0, 1.0])
+
+
+# ---------------------------------------------------------------- found by a review (2026-11-24)
+
+
+def tied(emb_ft, head_ft):
+    emb = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    return {"emb": emb, "head": emb}, {"emb": emb_ft(emb), "head": head_ft(emb)}
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties_merging", "pcb_merging", "dare"])
+def test_a_tied_key_whose_finetuned_copies_differ_is_refused(name):
+    pre, ft = tied(lambda e: e + 1, lambda e: e + 5)  # the head moved on its own
+    with pytest.raises(ValueError, match=r"'head' is tied to 'emb'.*finetuned\[0\]"):
+        call(name, pre, [ft, ft])
+    from course_lib.merging import task_vector
+
+    with pytest.raises(ValueError, match="'head' is tied to 'emb'"):
+        task_vector(pre, ft)
+
+
+def test_task_vector_keeps_tied_keys_tied_when_applied():
+    from course_lib.merging import task_vector
+
+    pre, ft = tied(lambda e: e + 1, lambda e: e + 1)  # equal copies: a legitimate tie
+    out = task_vector(pre, ft).apply_to(pre, 0.5)
+    assert out["head"] is out["emb"]
+    assert torch.allclose(out["head"], pre["emb"] + 0.5)
+    assert list(out) == ["emb", "head"]
+
+
+def test_dare_keeps_ties_and_never_shares_the_callers_tensors():
+    from course_lib.merging import dare_experts
+
+    pre, fts = random_models()
+    fts = [{**ft, "step": torch.tensor(3)} for ft in fts]  # an integer buffer passes through
+    pre["step"] = torch.tensor(3)
+    out = dare_experts(pre, fts, drop_rate=0.5, seed=0)
+    assert list(out[0]) == list(fts[0])
+    assert out[0]["step"] is not fts[0]["step"] and torch.equal(out[0]["step"], fts[0]["step"])
+    pre, ft = tied(lambda e: e + 1, lambda e: e + 1)
+    ft["head"] = ft["emb"]
+    (ex,) = dare_experts(pre, [ft], drop_rate=0.5, seed=0)
+    assert ex["head"] is ex["emb"]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), True, "0.3", None])
+def test_non_finite_or_non_number_scaling(bad):
+    from course_lib.merging import task_vector
+
+    pre, fts = random_models()
+    with pytest.raises(ValueError, match="scaling"):
+        ties_merging(pre, fts, scaling=bad)
+    with pytest.raises(ValueError, match="scaling"):
+        task_arithmetic(pre, fts, scaling=bad)
+    with pytest.raises(ValueError, match="scaling"):
+        task_vector(pre, fts[0]).apply_to(pre, bad)
+    with pytest.raises(ValueError, match="scaling"):
+        task_arithmetic(pre, fts, scaling=[0.3, bad, 0.3])
+
+
+def test_task_vector_times_nan_and_integer_tensors():
+    from course_lib.merging import TaskVector, task_vector
+
+    pre, fts = random_models()
+    with pytest.raises(ValueError, match="nan"):
+        task_vector(pre, fts[0]) * float("nan")
+    with pytest.raises(ValueError, match=r"'w'.*dtype torch.int64"):
+        TaskVector({"w": torch.full((2,), 0.6)}).apply_to({"w": torch.ones(2, dtype=torch.long)})
+
+
+def test_weights_must_be_numbers_one_per_model():
+    _, fts = random_models()
+    for bad in (0.5, [True, False, True], "abc"):
+        with pytest.raises(ValueError, match="weights"):
+            weight_average(fts, bad)
+    # tensors and NumPy numbers are numbers
+    out = weight_average(fts, torch.tensor([1.0, 1.0, 2.0]))
+    assert torch.allclose(out["enc.bias"], weight_average(fts, [1, 1, 2])["enc.bias"])
+
+
+def test_twin_inputs_are_checked():
+    from course_lib.merging import (
+        Router,
+        compress,
+        merge_with_weights,
+        shared_expert,
+        train_router,
+        twin_vectors,
+    )
+
+    pre, fts = random_models()
+    sh = shared_expert(pre, fts)
+    vs = twin_vectors(sh, fts)
+    nan = {k: v.clone() for k, v in vs[1].items()}
+    nan["enc.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'enc.weight' in twin vector 1 contains NaN"):
+        merge_with_weights(sh, [vs[0], nan, vs[2]], [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="empty"):
+        merge_with_weights(sh, [], [])
+    small = {k: torch.zeros(2, 2) if k == "enc.weight" else v for k, v in vs[0].items()}
+    with pytest.raises(ValueError, match=r"'enc.weight': twin vector shape \[2, 2\]"):
+        merge_with_weights(sh, [small], [1.0])
+    with pytest.raises(ValueError, match="booleans"):
+        merge_with_weights(sh, vs, [True, False, False])
+    # compress: integer tensors would lose their SVD factors to rounding; NaN names the key
+    with pytest.raises(ValueError, match=r"'w' in vectors\[0\] has dtype torch.int64"):
+        compress([{"w": torch.arange(20).reshape(5, 4)}])
+    with pytest.raises(ValueError, match=r"'enc.weight' in vectors\[0\] contains NaN"):
+        compress([nan])
+    with pytest.raises(ValueError, match="rank_ratio"):
+        compress(vs, rank_ratio="0.5")
+    # the router: nothing trained silently
+    x, y = torch.randn(12, 4), torch.arange(12) % 3
+    for kw, msg in [({"batch_size": 1}, "batch_size"), ({"epochs": 0}, "epochs")]:
+        with pytest.raises(ValueError, match=msg):
+            train_router(Router(4, 3), x, y, progress=False, **kw)
+    for xb, yb, msg in [
+        (x, y.float(), "integer task ids"),
+        (x, y + 1, r"task ids in \[0, 3\)"),
+        (x[:, :3], y, "3 columns, the router takes 4"),
+        (x.masked_fill(x > 1, float("nan")), y, "NaN"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            train_router(Router(4, 3), xb, yb, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        Router(4, 3).weights(x, temperature=float("nan"))
+
+
+def test_factor_merge_needs_one_scale_and_matching_factors():
+    from course_lib.models.lora import LoraExpert, factor_merge
+
+    a, b = torch.randn(2, 3), torch.randn(4, 2)
+    e1 = LoraExpert("a", {"q": (a, b)}, scale=1.0)
+    with pytest.raises(ValueError, match="LoRA scale 8.0"):
+        factor_merge([e1, LoraExpert("b", {"q": (a, b)}, scale=8.0)])
+    with pytest.raises(ValueError, match=r"'q': expert 'c' has factors A \[3, 3\]"):
+        factor_merge([e1, LoraExpert("c", {"q": (torch.randn(3, 3), torch.randn(4, 3))}, 1.0)])
+    with pytest.raises(ValueError, match="scaling"):
+        factor_merge([e1], scaling=float("nan"))
+
+
+def test_mergekit_config_refuses_what_mergekit_would_misread():
+    from course_lib.export import mergekit_config
+
+    with pytest.raises(ValueError, match="list of checkpoint names"):
+        mergekit_config("task_arithmetic", "base", "org/model")  # a string, not a list
+    with pytest.raises(ValueError, match="scaling"):
+        mergekit_config("task_arithmetic", "base", ["m"], scaling=float("nan"))
+    with pytest.raises(ValueError, match="density"):
+        mergekit_config("ties", "base", ["m"], density=True)
+    with pytest.raises(ValueError, match="base_model"):
+        mergekit_config("ties", "", ["m"])
+    with pytest.raises(ValueError, match=r"models\[1\]"):
+        mergekit_config("ties", "base", ["m", None])
+    with pytest.raises(ValueError, match="dtype"):
+        mergekit_config("ties", "base", ["m"], dtype="fp99")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from course_lib.state import MergePlan, plan, validate
+from course_lib.state import MergePlan, check_tied, plan, validate
 
 MergeFn = Callable[..., dict[str, Tensor]]
 METHODS: dict[str, MergeFn] = {}
@@ -50,6 +50,7 @@ def prepare(
     reference = pretrained if pretrained is not None else finetuned[0]
     validate(pretrained, finetuned, merged_keys=())  # structure first: keys, shapes, dtypes
     p = plan(reference, keys, exclude)
+    check_tied(p, finetuned)  # a tied key is merged once: its copies must agree
     validate(pretrained, finetuned, merged_keys=p.merged)  # then finiteness of merged tensors
     return p
 

@@ -8,18 +8,20 @@ filter) are copied from ``finetuned[0]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor
 
 from course_lib.merging._base import prepare, register
-from course_lib.state import StateDict, assemble
+from course_lib.state import StateDict, assemble, check_number
 
 
 def _normalized_weights(weights: Sequence[float] | None, num_models: int) -> list[float]:
     if weights is None:
         return [1.0 / num_models] * num_models
-    w = [float(x) for x in weights]
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+        raise ValueError(f"weights must be one number per model, got {weights!r}")
+    w = [check_number(f"weights[{i}]", x) for i, x in enumerate(weights)]
     if len(w) != num_models:
         raise ValueError(f"weights has {len(w)} values but there are {num_models} models")
     for i, x in enumerate(w):

@@ -67,7 +67,7 @@ def dare_experts(
     drop_rate = _check_drop_rate(drop_rate)
     out: list[StateDict] = []
     for t, ft in enumerate(finetuned):
-        expert = dict(ft)
+        expert: StateDict = {}
         for key in p.merged:
             base = pretrained[key]
             tau = ft[key].float() - base.float()
@@ -76,7 +76,10 @@ def dare_experts(
                 if not drop_only:
                     tau = rescale(tau, drop_rate)
             expert[key] = (base.float() + tau).to(base.dtype)
-        out.append(expert)
+        for key, target in p.aliases.items():  # tied keys stay tied to the dropped tensor
+            expert[key] = expert[target]
+        # in the input's key order; the other tensors are copies, never the caller's own
+        out.append({k: expert[k] if k in expert else v.clone() for k, v in ft.items()})
     return out
 
 

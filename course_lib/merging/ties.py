@@ -30,7 +30,7 @@ from torch import Tensor
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, deltas, prepare, register
 from course_lib.merging._select import chunks, kth_largest_count, kth_smallest_rows
-from course_lib.state import StateDict, assemble, check_fraction
+from course_lib.state import StateDict, assemble, check_fraction, check_number
 
 Aggregate = Literal["mean", "sum", "max"]
 Scope = Literal["global", "tensor"]
@@ -117,8 +117,7 @@ def ties_merging(
         raise ValueError(f"aggregate must be 'mean', 'sum' or 'max', got {aggregate!r}")
     if scope not in ("global", "tensor"):
         raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling != scaling:
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    scaling = check_number("scaling", scaling)
 
     thresholds = (
         global_thresholds(pretrained, finetuned, p.merged, density) if scope == "global" else None

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from course_lib.config import progress_bar
 from course_lib.merging._base import prepare
 from course_lib.merging.task_arithmetic import task_arithmetic
-from course_lib.state import StateDict, TaskVector
+from course_lib.state import StateDict, TaskVector, check_number
 
 # -- 1. shared expert ----------------------------------------------------------------------
 
@@ -143,13 +143,18 @@ def compress(
     """
     if method != "svd":
         raise ValueError(f"compress method must be 'svd', got {method!r}")
-    if isinstance(rank_ratio, bool) or not 0.0 < float(rank_ratio) <= 1.0:
+    if not 0.0 < check_number("rank_ratio", rank_ratio) <= 1.0:
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
     out = []
-    for vec in progress_bar(vectors, desc="SVD compress", progress=len(vectors) >= 4, leave=False):
+    for i, vec in enumerate(
+        progress_bar(vectors, desc="SVD compress", progress=len(vectors) >= 4, leave=False)
+    ):
+        if not isinstance(vec, Mapping):
+            raise ValueError(f"vectors[{i}] must be a dict of tensors, got {type(vec).__name__}")
         parts: dict[str, LowRank | Tensor] = {}
         for key in vec:
             t = vec[key]
+            _check_vector_tensor(t, key, f"vectors[{i}]")
             if t.dim() == 2:
                 k = svd_rank(t.shape, rank_ratio)
                 if k * (t.shape[0] + t.shape[1]) < t.numel():
@@ -158,6 +163,17 @@ def compress(
             parts[key] = t.clone()
         out.append(CompressedVector(parts))
     return out
+
+
+def _check_vector_tensor(t: object, key: str, where: str) -> None:
+    """A twin vector's tensor must be a finite floating-point tensor (an integer one would
+    round its SVD factors, or its weighted sum, to nothing)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"key {key!r} in {where} is a {type(t).__name__}, not a Tensor")
+    if not t.is_floating_point():
+        raise ValueError(f"key {key!r} in {where} has dtype {t.dtype}; twin vectors are float")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"key {key!r} in {where} contains NaN or Inf values")
 
 
 # -- 5. merging with router weights --------------------------------------------------------
@@ -173,7 +189,12 @@ def merge_with_weights(
     ``weights`` is [T] for one input, or [B, T] for a group of inputs: the group shares one
     merged model built from the mean of its weights (the paper's group-wise variant).
     """
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    if not vectors:
+        raise ValueError("vectors is empty: need one twin vector per task")
+    raw = torch.as_tensor(weights)
+    if raw.dtype == torch.bool:
+        raise ValueError("weights must be numbers, got booleans")
+    w = raw.to(torch.float32)
     if w.dim() == 2:
         w = w.mean(dim=0)
     if w.dim() != 1 or w.numel() != len(vectors):
@@ -185,11 +206,24 @@ def merge_with_weights(
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     keys = list(vectors[0].keys())
     for i, v in enumerate(vectors):
-        if list(v.keys()) != keys:
-            raise ValueError(f"twin vector {i} has different keys from twin vector 0")
+        if set(v.keys()) != set(keys):
+            odd = sorted(set(v.keys()) ^ set(keys))[0]
+            raise ValueError(f"key {odd!r} is in only one of twin vectors 0 and {i}")
+        # the stored tensors (a compressed vector's factors), not dense copies
+        stored = v.parts if isinstance(v, CompressedVector) else v
+        for key, part in stored.items():
+            for t in (part.left, part.right) if isinstance(part, LowRank) else (part,):
+                _check_vector_tensor(t, key, f"twin vector {i}")
     missing = [k for k in keys if k not in shared]
     if missing:
         raise ValueError(f"key {missing[0]!r} of the twin vectors is not in the shared expert")
+    for key in keys:
+        shape = _shape_of(vectors[0], key)
+        if tuple(shared[key].shape) != shape:
+            raise ValueError(
+                f"key {key!r}: twin vector shape {list(shape)} but shared expert shape "
+                f"{list(shared[key].shape)}"
+            )
     merged = {}
     for key in keys:
         acc = shared[key].float().clone()
@@ -198,6 +232,17 @@ def merge_with_weights(
                 acc.add_(v[key].float(), alpha=wt)
         merged[key] = acc.to(shared[key].dtype)
     return {k: merged[k] if k in merged else t.clone() for k, t in shared.items()}
+
+
+def _shape_of(vector: Mapping[str, Tensor] | CompressedVector, key: str) -> tuple[int, ...]:
+    if isinstance(vector, CompressedVector):
+        part = vector.parts[key]
+        return (
+            (part.left.shape[0], part.right.shape[1])
+            if isinstance(part, LowRank)
+            else tuple(part.shape)
+        )
+    return tuple(vector[key].shape)
 
 
 # -- 4. router -----------------------------------------------------------------------------
@@ -243,13 +288,34 @@ class Router(nn.Module):
     @torch.no_grad()
     def weights(self, features: Tensor, temperature: float = 1.0) -> Tensor:
         """Merging weights w = softmax(logits / temperature), [B, T]."""
-        if temperature <= 0:
+        if not check_number("temperature", temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         was_training = self.training
         self.eval()
         w = torch.softmax(self(features) / temperature, dim=-1)
         self.train(was_training)
         return w
+
+
+def _check_router_data(router: Router, features: Tensor, labels: Tensor, what: str) -> None:
+    """Features [N, d] finite floats with the router's d; labels [N] integer task ids."""
+    d, num_tasks = router.net[0].in_features, router.net[-1].out_features
+    if features.dim() != 2 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{what}: features must be [N, d] and labels [N]; got {tuple(features.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if features.shape[1] != d:
+        raise ValueError(f"{what}: features have {features.shape[1]} columns, the router takes {d}")
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{what}: features contain NaN or Inf values")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{what}: labels must be integer task ids, got dtype {labels.dtype}")
+    if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < num_tasks):
+        raise ValueError(
+            f"{what}: labels must be task ids in [0, {num_tasks}), got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
 
 
 @dataclass
@@ -281,17 +347,22 @@ def train_router(
     Select on a validation split, never on the data you report (the reference code selects on
     its test set).
     """
-    if features.dim() != 2 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"features must be [N, d] and labels [N]; got {tuple(features.shape)} and {tuple(labels.shape)}"
-        )
+    if select not in ("accuracy", "loss"):
+        raise ValueError(f"select must be 'accuracy' or 'loss', got {select!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (BatchNorm), got {batch_size!r}")
+    _check_router_data(router, features, labels, "features/labels")
+    if val is not None:
+        if len(val) != 2:
+            raise ValueError("val must be a (features, labels) pair")
+        _check_router_data(router, val[0], val[1], "val")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     labels = labels.long()
     hist = RouterHistory([], [], -1)
-    if select not in ("accuracy", "loss"):
-        raise ValueError(f"select must be 'accuracy' or 'loss', got {select!r}")
     best_score, best_state = None, None
     for epoch in progress_bar(range(epochs), desc="router", progress=progress, leave=False):
         router.train()

@@ -40,6 +40,7 @@ from torch import Tensor
 from course_lib.config import progress_bar
 from course_lib.data.text import TextExample, TextTask
 from course_lib.models.zoo import Manifest, _save_tensors
+from course_lib.state import check_number
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -372,10 +373,25 @@ def factor_merge(experts: Sequence[LoraExpert], scaling: float = 0.3) -> dict[st
     return the update scale * B* @ A*. Not equal to s sum_t scale * B_t @ A_t (cross terms)."""
     if not experts:
         raise ValueError("factor_merge needs at least one expert")
+    scaling = check_number("scaling", scaling)
     keys = list(experts[0].factors)
+    first = experts[0]
     for e in experts[1:]:
         if list(e.factors) != keys:
-            raise ValueError(f"expert {e.task!r} adapts other keys than {experts[0].task!r}")
+            raise ValueError(f"expert {e.task!r} adapts other keys than {first.task!r}")
+        if e.scale != first.scale:  # one scale multiplies B* A*: a differing one would be lost
+            raise ValueError(
+                f"expert {e.task!r} has LoRA scale {e.scale} but {first.task!r} has {first.scale}; "
+                "factor merging needs one alpha / r for all experts"
+            )
+        for k in keys:
+            shapes = [tuple(f.shape) for f in (*e.factors[k], *first.factors[k])]
+            if shapes[:2] != shapes[2:]:
+                raise ValueError(
+                    f"key {k!r}: expert {e.task!r} has factors A {list(shapes[0])}, "
+                    f"B {list(shapes[1])} but {first.task!r} has A {list(shapes[2])}, "
+                    f"B {list(shapes[3])}"
+                )
     out = {}
     for k in keys:
         a = scaling * sum(e.factors[k][0] for e in experts)
