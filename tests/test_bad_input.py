@@ -279,3 +279,24 @@ def test_mergekit_config_refuses_what_mergekit_would_misread():
         mergekit_config("ties", "base", ["m", None])
     with pytest.raises(ValueError, match="dtype"):
         mergekit_config("ties", "base", ["m"], dtype="fp99")
+
+
+def test_arguments_that_used_to_fail_with_a_raw_error():
+    from course_lib.merging import dare, search_scaling
+    from course_lib.merging.search import grid_values
+
+    pre, fts = random_models()
+    with pytest.raises(ValueError, match="list or tuple of state dicts, got generator"):
+        task_arithmetic(pre, (ft for ft in fts))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        dare(pre, fts, drop_rate=0.5, seed=1.5)
+    with pytest.raises(ValueError, match="clip_quantile"):
+        pcb_merging(pre, fts, clip_quantile="x")
+    with pytest.raises(ValueError, match="step > 0"):
+        grid_values(0, 1, 0)
+    with pytest.raises(ValueError, match="num_tasks"):
+        search_scaling(lambda lams: 0.0, num_tasks=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        search_scaling(lambda lams: 0.0, 2, method="evolution", budget=2.5)
+    with pytest.raises(ValueError, match="sigma"):
+        search_scaling(lambda lams: 0.0, 2, method="evolution", sigma=float("nan"))

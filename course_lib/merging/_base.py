@@ -44,6 +44,10 @@ def prepare(
     """
     if isinstance(finetuned, Mapping):
         raise ValueError("finetuned must be a list of state dicts, got a single state dict")
+    if not isinstance(finetuned, Sequence):  # a generator would be used up by the checks
+        raise ValueError(
+            f"finetuned must be a list or tuple of state dicts, got {type(finetuned).__name__}"
+        )
     finetuned = list(finetuned)
     if not finetuned:
         raise ValueError("finetuned is empty: need at least one fine-tuned state dict to merge")

@@ -47,6 +47,8 @@ def _check_drop_rate(drop_rate: float) -> float:
 
 
 def _generator(seed: int, task: int, key: str) -> torch.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + task * 7919 + zlib.crc32(key.encode())) % 2**63
     )

@@ -41,7 +41,7 @@ from torch import Tensor
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, prepare, register
 from course_lib.merging._select import chunks, kth_smallest_rows
-from course_lib.state import StateDict, assemble, check_fraction, check_scaling
+from course_lib.state import StateDict, assemble, check_fraction, check_number, check_scaling
 
 Inter = Literal["pairwise", "sum"]
 EPS = 1e-12
@@ -135,7 +135,7 @@ def pcb_merging(
     p = prepare(pretrained, finetuned, keys, exclude)
     ratio = check_fraction("ratio", ratio)
     lam = check_scaling(scaling, len(finetuned))
-    if isinstance(clip_quantile, bool) or not 0.0 <= float(clip_quantile) < 0.5:
+    if not 0.0 <= check_number("clip_quantile", clip_quantile) < 0.5:
         raise ValueError(f"clip_quantile must be in [0, 0.5), got {clip_quantile!r}")
     if inter not in ("pairwise", "sum"):
         raise ValueError(f"inter must be 'pairwise' or 'sum', got {inter!r}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.config import progress_bar
+from course_lib.state import check_number
 
 Evaluate = Callable[[list[float]], float]
 
@@ -53,8 +54,18 @@ def _cached(evaluate: Evaluate, history: list[tuple[list[float], float]]) -> Eva
     return run
 
 
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def grid_values(start: float, stop: float, step: float) -> list[float]:
     """Inclusive grid, e.g. grid_values(0, 1, 0.05) -> [0.0, 0.05, ..., 1.0] without float drift."""
+    start, stop, step = (
+        check_number(n, v) for n, v in (("start", start), ("stop", stop), ("step", step))
+    )
+    if step <= 0 or stop < start:
+        raise ValueError(f"need step > 0 and stop >= start, got {start}, {stop}, {step}")
     n = int(round((stop - start) / step))
     return [round(start + i * step, 10) for i in range(n + 1)]
 
@@ -73,8 +84,7 @@ def search_scaling(
     progress: bool = False,
 ) -> SearchResult:
     """Maximize ``evaluate`` over per-task scalings; see the module docstring."""
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    _check_count("num_tasks", num_tasks)
     history: list[tuple[list[float], float]] = []
     run = _cached(evaluate, history)
     if method == "grid":
@@ -88,8 +98,10 @@ def search_scaling(
     lo, hi = bounds
     if not lo < hi:
         raise ValueError(f"bounds must satisfy low < high, got {bounds}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
+    _check_count("budget", budget)
+    init, sigma = check_number("init", init), check_number("sigma", sigma)
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     gen = torch.Generator().manual_seed(seed)
     parent = [min(max(init, lo), hi)] * num_tasks
     parent_score = run(parent)
