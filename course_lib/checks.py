@@ -161,7 +161,7 @@ def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
         },
         "top-mass share",
     )
-    return _ok("the top 20% of entries hold 96% of ||tau||^2 here")
+    return _ok(f"the top 20% of entries hold {100 * got:.0f}% of ||tau||^2 here")
 
 
 # ----------------------------------------------------------------------------- notebook 03
