@@ -200,6 +200,13 @@ def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
         },
         "trim",
     )
+    # density 0.5 keeps 3 of 6 however it is read; 0.4 tells floor from ceil and kept from dropped
+    other = _tensor(fn(_TAU.clone(), 0.4), "trim")
+    if not torch.equal(other, trim(_TAU, 0.4)):
+        raise ExerciseError(
+            "with density 0.4 keep k = floor(0.4 * 6) = 2 entries per row (density is the "
+            f"fraction kept, rounded down); got {int((other != 0).sum(1).max())} kept in a row"
+        )
     return _ok("trim keeps the top-k magnitudes of each task vector")
 
 

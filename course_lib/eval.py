@@ -64,6 +64,12 @@ def normalized(accs: Mapping[str, float], expert_accs: Mapping[str, float]) -> d
     missing = set(accs) - set(expert_accs)
     if missing:
         raise ValueError(f"no expert accuracy for tasks {sorted(missing)}")
+    zero = [t for t in accs if expert_accs[t] == 0]
+    if zero:
+        raise ValueError(
+            f"the expert of {zero[0]!r} scores 0%: normalized accuracy (acc / expert acc) is "
+            "undefined there; report absolute accuracy for that task"
+        )
     return {t: 100.0 * a / expert_accs[t] for t, a in accs.items()}
 
 

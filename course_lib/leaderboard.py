@@ -95,7 +95,12 @@ def world_id(track: str, profile: str) -> str:
 
 
 def fingerprint(track: str, profile: str) -> str:
-    return f"{track}:{profile}:{world_id(track, profile)}:{source_digest()}"
+    """Track, profile, world, code, and what computes: torch's version and the device (a GPU
+    gives the same numbers as the CPU only up to the last bits, which can move a result)."""
+    import torch
+
+    where = f"torch {torch.__version__} on {config.device().type}"
+    return f"{track}:{profile}:{world_id(track, profile)}:{source_digest()}:{where}"
 
 
 def results_path(track: str, profile: str) -> Path:

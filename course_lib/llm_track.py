@@ -367,6 +367,7 @@ class LLMResults:
     twin: LLMTwin | None = None
     twin_run: TwinRun | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    questions: dict[str, int] = field(default_factory=dict)  # test questions per task
 
 
 def run_llm_all(zoo: LLMZoo, *, progress: bool = True) -> LLMResults:
@@ -405,7 +406,8 @@ def run_llm_all(zoo: LLMZoo, *, progress: bool = True) -> LLMResults:
         rows["Twin-Merging"] = run.accuracy
     order = ["base model", "task arithmetic", "DARE (p=0.9) + TA", "TIES-Merging", "PCB-Merging"]
     order += ["Twin-Merging", "LoRA experts"]
-    return LLMResults({k: rows[k] for k in order}, experts, chosen, twin, run, seconds)
+    questions = {t: len(zoo.tasks[t].examples("test")) for t in zoo.task_names}
+    return LLMResults({k: rows[k] for k in order}, experts, chosen, twin, run, seconds, questions)
 
 
 def llm_results_markdown(res: LLMResults) -> str:
@@ -414,7 +416,10 @@ def llm_results_markdown(res: LLMResults) -> str:
     tasks = list(res.experts)
     norm_rows = {k: v for k, v in res.absolute.items() if k != "base model"}
     lines = [
-        "### LLM track: exact match (%), 32 test questions per task",
+        "### LLM track: exact match (%) on the test questions"
+        + (
+            f" ({', '.join(f'{t} {n}' for t, n in res.questions.items())})" if res.questions else ""
+        ),
         "",
         markdown(results_table(res.absolute, tasks)),
         "",
@@ -422,7 +427,7 @@ def llm_results_markdown(res: LLMResults) -> str:
         "",
         markdown(results_table(norm_rows, tasks, normalize_by=res.experts)),
         "",
-        "λ chosen on 16 validation questions per task: "
+        f"λ chosen on {VAL_LIMIT} validation questions per task: "
         + ", ".join(f"{k} λ={v:g}" for k, v in res.chosen.items())
         + "; DARE uses task arithmetic's λ.",
     ]

@@ -300,3 +300,11 @@ def test_arguments_that_used_to_fail_with_a_raw_error():
         search_scaling(lambda lams: 0.0, 2, method="evolution", budget=2.5)
     with pytest.raises(ValueError, match="sigma"):
         search_scaling(lambda lams: 0.0, 2, method="evolution", sigma=float("nan"))
+
+
+def test_normalized_accuracy_against_an_expert_at_zero():
+    from course_lib.eval import normalized
+
+    assert normalized({"a": 40.0}, {"a": 80.0}) == {"a": 50.0}
+    with pytest.raises(ValueError, match="expert of 'b' scores 0%"):
+        normalized({"a": 40.0, "b": 0.0}, {"a": 80.0, "b": 0.0})

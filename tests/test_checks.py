@@ -1,5 +1,7 @@
 """The exercise checkers accept the reference answer and name the typical mistakes."""
 
+import math
+
 import pytest
 import torch
 
@@ -94,6 +96,13 @@ def test_trim_and_its_mistakes():
     wrong(checks.check_trim, bottom, "smallest")
     wrong(checks.check_trim, plus_one, "off by one")
     wrong(checks.check_trim, lambda t, d: (trim(t, d) != 0).float(), "mask")
+
+    def keep_ceil(t, d):  # and "drop floor(d n)": at density 0.5 both keep 3 of 6
+        k = math.ceil(d * t.shape[1])
+        return t * (t.abs() >= t.abs().kthvalue(t.shape[1] - k + 1, dim=1, keepdim=True).values)
+
+    wrong(checks.check_trim, keep_ceil, "density 0.4")
+    wrong(checks.check_trim, lambda t, d: trim(t, 1 - d), "fraction kept")
 
 
 def test_elect_and_count_vote():

@@ -53,6 +53,20 @@ def test_no_question_is_shared_between_splits(name):
     assert not asked["val"] & asked["test"]
 
 
+@pytest.mark.parametrize("name", ALL_TEXT_TASKS)
+def test_evaluation_splits_never_repeat_a_question(name):
+    task = load_text_task(name)  # the mini sizes: 32 asked, arithmetic's test pool holds 31
+    for split in ("val", "test"):
+        prompts = [e.prompt for e in task.examples(split)]
+        assert len(prompts) == len(set(prompts)), (name, split)
+    big = load_text_task(name, {"train": 10_000, "val": 10_000, "test": 10_000})
+    test = [e.prompt for e in big.examples("test")]
+    assert len(test) == len(set(test)) < 10_000  # cut to the pool, each question once
+    assert len(big.examples("train")) == 10_000  # training may repeat items
+    if name == "arithmetic":
+        assert len(task.examples("test")) == 31 and len(task.examples("val")) == 32
+
+
 def test_chat_messages_and_training_target():
     task = load_text_task("dates")
     ex = task.examples("train")[0]

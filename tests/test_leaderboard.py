@@ -90,10 +90,13 @@ def test_source_digest_changes_when_any_module_changes(tmp_path):
     assert leaderboard.source_digest() == leaderboard.source_digest(leaderboard.PACKAGE)
 
 
-def test_fingerprint_names_track_profile_world_and_code():
+def test_fingerprint_names_track_profile_world_code_and_device(monkeypatch):
     fp = leaderboard.fingerprint("vision", "mini")
-    assert fp.startswith("vision:mini:") and fp.endswith(leaderboard.source_digest())
+    assert fp.startswith("vision:mini:") and leaderboard.source_digest() in fp
+    assert fp.endswith(f"torch {torch.__version__} on cpu")
     assert leaderboard.fingerprint("llm", "mini") != fp
+    monkeypatch.setenv("COURSE_DEVICE", "cuda")  # results computed on a GPU are kept apart
+    assert leaderboard.fingerprint("vision", "mini") == fp.replace(" on cpu", " on cuda")
     with pytest.raises(ValueError, match="track must be one of"):
         leaderboard.world_id("audio", "mini")
 

@@ -332,6 +332,8 @@ def test_run_llm_all_fills_every_row(tiny_zoo):
     assert set(res.chosen) == {"task arithmetic", "TIES-Merging", "PCB-Merging"}
     text = llm_results_markdown(res)
     assert "| LoRA experts | 100.0 | 100.0 | 100.0 |" in text and "router accuracy" in text
+    n = {t: len(tiny_zoo.tasks[t].examples("test")) for t in tiny_zoo.task_names}
+    assert res.questions == n and f"(colour {n['colour']}, shape {n['shape']})" in text
 
 
 # ----------------------------------------------------------------------------- greedy decoding

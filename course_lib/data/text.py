@@ -14,7 +14,10 @@ No question is shared between splits: each task's pool of items (operand pairs, 
 stories, days) is shuffled once and cut into disjoint train (1/2), validation (1/4) and test
 (1/4) pools, so an expert is tested on questions it never saw. Each split then samples its
 pool with a NumPy generator seeded by (seed, task, split), so the same call always returns the
-same examples. :func:`exact_match` scores predictions after a light normalization (case,
+same examples. Training may repeat an item (128 draws from arithmetic's 63 operand pairs); the
+validation and test splits never do: one asked for more questions than its pool holds gets the
+whole pool, once (arithmetic's test split has 31 questions: its 126 items, 81 sums and 45
+differences of digits 1-9, are cut 63 / 32 / 31). :func:`exact_match` scores predictions after a light normalization (case,
 surrounding spaces and quotes, one trailing full stop).
 
 A fifth task, ``capitals`` ("What is the capital of Norway?" -> "Oslo", countries disjoint
@@ -126,7 +129,10 @@ def _pool(items: list, split: str, seed: int, name: str) -> list:
     return [items[i] for i in parts[SPLITS.index(split)]]
 
 
-def _sample(pool: list, n: int, rng: np.random.Generator) -> list:
+def _sample(pool: list, n: int, rng: np.random.Generator, repeat: bool) -> list:
+    """``n`` items of ``pool``; without ``repeat`` each item at most once (at most the pool)."""
+    if not repeat:
+        n = min(n, len(pool))
     picks = rng.choice(len(pool), n, replace=n > len(pool))
     return [pool[i] for i in picks.tolist()]
 
@@ -212,7 +218,8 @@ def load_text_task(name: str, sizes: dict[str, int] | None = None, seed: int = 0
         if n < 0:
             raise ValueError(f"split {split!r}: size must be >= 0, got {n}")
         pool = _pool(items, split, seed, name)
-        task.splits[split] = [_make(name, it) for it in _sample(pool, n, _rng(seed, name, split))]
+        picked = _sample(pool, n, _rng(seed, name, split), repeat=split == "train")
+        task.splits[split] = [_make(name, it) for it in picked]
     return task
 
 
