@@ -69,7 +69,13 @@ def results_markdown(record, neg) -> str:
             "",
             f"Negation: θ0 − {neg.scaling:g}·τ_{neg.task} takes {neg.task} from "
             f"{neg.zeroshot[neg.task]:.1f}% to {neg.negated[neg.task]:.1f}%; the largest drop on "
-            f"another task is {worst:.1f} points.",
+            f"another task is {worst:.1f} points."
+            + (
+                ""
+                if neg.within_tolerance
+                else f" No λ tried kept every other task within {neg.tolerance:g} points of θ0 "
+                "on the validation split: this is the smallest."
+            ),
         ]
     )
 

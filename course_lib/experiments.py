@@ -251,9 +251,8 @@ def mixed_stream(
         pixels.append(x)
         labels.append(y)
         tasks.append(torch.full((len(y),), i))
-    order = torch.randperm(
-        sum(len(y) for y in labels), generator=torch.Generator().manual_seed(seed)
-    )
+    sizes = [len(y) for y in labels]  # per_task, or all of a smaller test split
+    order = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))
     pixels, labels, tasks = (torch.cat(v)[order] for v in (pixels, labels, tasks))
     stacked = stacked_vectors(shared, compressed)
     enc, dev = vmappable_encoder(zoo), config.device()
@@ -270,7 +269,7 @@ def mixed_stream(
             t = int(tasks[s + j])
             pred = int((emb[j] @ zoo.heads[names[t]].T).argmax())
             correct[t] += pred == int(labels[s + j])
-    return {t: 100.0 * float(correct[i]) / per_task for i, t in enumerate(names)}
+    return {t: 100.0 * float(correct[i]) / sizes[i] for i, t in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- negation
@@ -282,6 +281,8 @@ class NegationResult:
     scaling: float
     zeroshot: dict[str, float]
     negated: dict[str, float]
+    within_tolerance: bool = True  # False: no lambda passed the control rule on val
+    tolerance: float = 5.0  # the control rule's points
 
 
 def negation(
@@ -291,17 +292,22 @@ def negation(
     tolerance: float = 5.0,
 ) -> NegationResult:
     """theta_0 - lambda tau_task: the largest lambda whose *other* tasks stay within
-    ``tolerance`` points of zero-shot on val (the paper's control-task rule, Sec. 3)."""
+    ``tolerance`` points of zero-shot on val (the paper's control-task rule, Sec. 3).
+
+    If no lambda passes, the smallest is used and ``within_tolerance`` is False (say so)."""
     tau: TaskVector = task_vector(zoo.pretrained, zoo.experts[task])
     others = [t for t in zoo.task_names if t != task]
     zs_val = zoo.evaluate(zoo.pretrained, "val", others, limit=VAL_LIMIT)
-    chosen = lambdas[0]
+    passed = []
     for lam in lambdas:
         accs = zoo.evaluate((-tau).apply_to(zoo.pretrained, lam), "val", others, limit=VAL_LIMIT)
         if all(zs_val[t] - accs[t] <= tolerance for t in others):
-            chosen = lam
+            passed.append(lam)
+    chosen = max(passed) if passed else min(lambdas)
     state = (-tau).apply_to(zoo.pretrained, chosen)
-    return NegationResult(task, chosen, zoo.evaluate(zoo.pretrained), zoo.evaluate(state))
+    return NegationResult(
+        task, chosen, zoo.evaluate(zoo.pretrained), zoo.evaluate(state), bool(passed), tolerance
+    )
 
 
 # ----------------------------------------------------------------------------- the whole table

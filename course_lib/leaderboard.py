@@ -90,17 +90,25 @@ def world_id(track: str, profile: str) -> str:
         from course_lib.models import llm
         from course_lib.models.lora import LoraSpec
 
-        return f"{llm.SMOLLM2_ID}@{llm.SMOLLM2_REVISION}:{LoraSpec().digest()}"
+        return llm.world(LoraSpec())
     raise ValueError(f"track must be one of {TRACKS}, got {track!r}")
 
 
-def fingerprint(track: str, profile: str) -> str:
-    """Track, profile, world, code, and what computes: torch's version and the device (a GPU
-    gives the same numbers as the CPU only up to the last bits, which can move a result)."""
+def world_of(zoo) -> str:
+    """The world a loaded zoo's numbers are measured on (its ``world``, set by the loaders and
+    equal to :func:`world_id` for the course's own zoo); ``"unknown"`` for a zoo made by hand."""
+    return getattr(zoo, "world", "") or "unknown"
+
+
+def fingerprint(track: str, profile: str, world: str | None = None) -> str:
+    """Track, profile, world (default: the course's, :func:`world_id`), code, and what computes:
+    torch's version and the device (a GPU gives the same numbers as the CPU only up to the last
+    bits, which can move a result)."""
     import torch
 
+    world = world_id(track, profile) if world is None else world
     where = f"torch {torch.__version__} on {config.device().type}"
-    return f"{track}:{profile}:{world_id(track, profile)}:{source_digest()}:{where}"
+    return f"{track}:{profile}:{world}:{source_digest()}:{where}"
 
 
 def results_path(track: str, profile: str) -> Path:
@@ -130,7 +138,7 @@ def vision_record(res, zoo) -> TrackResult:
         }
     return TrackResult(
         "vision", zoo.profile, "accuracy", res.absolute, res.experts, res.chosen,
-        res.seconds, stored, notes, fingerprint("vision", zoo.profile),
+        res.seconds, stored, notes, fingerprint("vision", zoo.profile, world_of(zoo)),
     )  # fmt: skip
 
 
@@ -151,7 +159,7 @@ def llm_record(res, zoo) -> TrackResult:
     return TrackResult(
         "llm", zoo.profile, "exact match", res.absolute, res.experts, res.chosen,
         {k: round(v, 1) for k, v in res.seconds.items()}, stored, notes,
-        fingerprint("llm", zoo.profile),
+        fingerprint("llm", zoo.profile, world_of(zoo)),
     )  # fmt: skip
 
 
@@ -187,14 +195,20 @@ def track_results(
     """The track's results: from ``results/`` when the fingerprint matches, else computed (and
     saved). Computing takes minutes on a CPU (vision ~2 min, LLM ~3 min once its experts are
     cached). ``log`` (e.g. ``print``) is told which of the two happens; ``zoo``, the track's
-    zoo when the caller has already loaded it, is used instead of loading it again."""
+    zoo when the caller has already loaded it, is used instead of loading it again. Results of
+    a zoo other than the course's (another config, task sizes, LoRA recipe) are computed and
+    returned, but neither reused nor saved: ``results/`` holds the course's numbers only."""
     profile = profile or config.profile()
     if zoo is not None and zoo.profile != profile:
         raise ValueError(f"the zoo given is of profile {zoo.profile!r}, not {profile!r}")
     path = results_path(track, profile)
-    cached = None if recompute else load(path, fingerprint(track, profile))
+    ours = zoo is None or world_of(zoo) == world_id(track, profile)
+    cached = load(path, fingerprint(track, profile)) if ours and not recompute else None
     if log is not None:
-        log(f"{track} track: {'reused' if cached else 'computing (a few minutes)'} {path.name}")
+        what = (
+            "computing (a few minutes)" if ours else "computing, not saved (not the course's zoo)"
+        )
+        log(f"{track} track: {'reused' if cached else what} {path.name}")
     if cached is not None:
         return cached
     config.seed_everything()
@@ -211,7 +225,8 @@ def track_results(
         record = llm_record(run_llm_all(zoo, progress=progress), zoo)
     else:
         raise ValueError(f"track must be one of {TRACKS}, got {track!r}")
-    save(record, path)
+    if ours:
+        save(record, path)
     return record
 
 

@@ -61,6 +61,7 @@ class LLMZoo:
     pretrained: StateDict
     experts: dict[str, StateDict]
     info: dict = field(default_factory=dict)
+    world: str = ""  # the base model, LoRA recipe and task sizes (``llm.world``)
     frozen: llm.FrozenLayers | None = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -172,7 +173,8 @@ def load_llm_zoo(
     base = base_state(model, keys)
     experts = {t: e.state(base) for t, e in loras.items()}
     info = {"seconds": round(time.perf_counter() - t0, 1), "adapted_params": _numel(base)}
-    return LLMZoo(profile, model, tok, tasks, spec, loras, base, experts, info)
+    world = llm.world(spec, sizes)
+    return LLMZoo(profile, model, tok, tasks, spec, loras, base, experts, info, world)
 
 
 def _numel(state: Mapping[str, Tensor]) -> int:

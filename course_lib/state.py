@@ -108,7 +108,8 @@ def plan(
     return MergePlan(tuple(merged), tuple(passthrough), aliases)
 
 
-def _check_finite(name: str, tensor: Tensor, where: str) -> None:
+def check_finite(name: str, tensor: Tensor, where: str) -> None:
+    """Raise ``ValueError`` naming key ``name`` of ``where`` if ``tensor`` holds NaN or Inf."""
     if not torch.isfinite(tensor).all():
         bad = "NaN" if torch.isnan(tensor).any() else "Inf"
         raise ValueError(f"key {name!r} in {where} contains {bad} values; refusing to merge")
@@ -169,7 +170,7 @@ def validate(
     )
     for where, sd in named:
         for name in check:
-            _check_finite(name, sd[name], where)
+            check_finite(name, sd[name], where)
 
 
 def check_number(name: str, value: float) -> float:
@@ -184,6 +185,13 @@ def check_number(name: str, value: float) -> float:
     return float(value)
 
 
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """An integer count of at least ``minimum`` (``bool`` and integral floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_tied(plan_: MergePlan, finetuned: Sequence[Mapping[str, Tensor]]) -> None:
     """Keys tied in the reference (one storage, e.g. ``lm_head.weight`` and the embeddings) are
     merged once, from the first of them; each fine-tuned model must hold equal values there,
@@ -191,7 +199,8 @@ def check_tied(plan_: MergePlan, finetuned: Sequence[Mapping[str, Tensor]]) -> N
     for alias, target in plan_.aliases.items():
         for i, sd in enumerate(finetuned):
             a, b = sd[alias], sd[target]
-            if _storage_id(a) is not None and _storage_id(a) == _storage_id(b):
+            same = _storage_id(a)
+            if same is not None and same == _storage_id(b):
                 continue
             if not torch.equal(a, b):
                 raise ValueError(
@@ -211,23 +220,17 @@ def check_fraction(name: str, value: float) -> float:
 
 
 def check_scaling(scaling: float | Sequence[float], num_tasks: int) -> list[float]:
-    """Return one finite scaling coefficient per task (a scalar is broadcast)."""
-    if isinstance(scaling, Tensor) and scaling.dim() == 0:
-        scaling = float(scaling)
-    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-        values = [float(scaling)] * num_tasks
-    else:
-        if isinstance(scaling, (bool, str, bytes)) or not isinstance(scaling, Iterable):
-            raise ValueError(f"scaling must be a number or one number per task, got {scaling!r}")
-        values = [check_number(f"scaling[{i}]", v) for i, v in enumerate(scaling)]
-        if len(values) != num_tasks:
-            raise ValueError(
-                f"scaling has {len(values)} values but there are {num_tasks} fine-tuned models; "
-                "pass one float or one value per task"
-            )
-    for i, v in enumerate(values):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"scaling[{i}] is {v}; it must be finite")
+    """Return one finite scaling coefficient per task (a number is broadcast)."""
+    if isinstance(scaling, numbers.Real) or (isinstance(scaling, Tensor) and scaling.dim() == 0):
+        return [check_number("scaling", scaling)] * num_tasks
+    if isinstance(scaling, (str, bytes)) or not isinstance(scaling, Iterable):
+        raise ValueError(f"scaling must be a number or one number per task, got {scaling!r}")
+    values = [check_number(f"scaling[{i}]", v) for i, v in enumerate(scaling)]
+    if len(values) != num_tasks:
+        raise ValueError(
+            f"scaling has {len(values)} values but there are {num_tasks} fine-tuned models; "
+            "pass one float or one value per task"
+        )
     return values
 
 

@@ -308,3 +308,48 @@ def test_normalized_accuracy_against_an_expert_at_zero():
     assert normalized({"a": 40.0}, {"a": 80.0}) == {"a": 50.0}
     with pytest.raises(ValueError, match="expert of 'b' scores 0%"):
         normalized({"a": 40.0, "b": 0.0}, {"a": 80.0, "b": 0.0})
+
+
+def test_counts_and_scalings_share_one_check_each():
+    import numpy as np
+
+    from course_lib.state import check_count, check_scaling
+
+    assert check_count("n", np.int64(3)) == 3
+    for bad in (True, 2.0, 0, "2", None):
+        with pytest.raises(ValueError, match=r"n must be an integer >= 1"):
+            check_count("n", bad)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 2"):
+        check_count("batch_size", 1, minimum=2)
+    # one number, from any numeric type, is broadcast; it must be finite and not a bool
+    assert check_scaling(np.float32(0.5), 3) == [0.5] * 3
+    assert check_scaling(torch.tensor(0.25), 2) == [0.25, 0.25]
+    with pytest.raises(ValueError, match="scaling is inf"):
+        check_scaling(float("inf"), 2)
+    with pytest.raises(ValueError, match=r"scaling\[1\] is nan"):
+        check_scaling([0.1, float("nan")], 2)
+    with pytest.raises(ValueError, match="scaling must be a finite number, got True"):
+        check_scaling(True, 2)
+
+
+def test_merge_with_weights_scans_only_vectors_not_made_by_compress(monkeypatch):
+    from course_lib.merging import compress, merge_with_weights, shared_expert, twin_vectors
+    from course_lib.merging import twin as twin_module
+    from course_lib.merging.twin import CompressedVector, LowRank
+
+    pre, fts = random_models()
+    sh = shared_expert(pre, fts)
+    made = compress(twin_vectors(sh, fts), rank_ratio=0.5)
+    assert all(v.checked for v in made)
+    scans = []
+    real = twin_module.check_finite
+    monkeypatch.setattr(twin_module, "check_finite", lambda *a: scans.append(a[0]) or real(*a))
+    merge_with_weights(sh, made, [0.2, 0.3, 0.5])
+    assert scans == []  # compress checked them once, when it made them
+    # a compressed vector built by hand is scanned on every call: NaN in a factor names the key
+    key = next(k for k, p in made[0].parts.items() if isinstance(p, LowRank))
+    bad_left = made[0].parts[key].left.clone()
+    bad_left[0, 0] = float("nan")
+    by_hand = CompressedVector({**made[0].parts, key: LowRank(bad_left, made[0].parts[key].right)})
+    with pytest.raises(ValueError, match=rf"{key!r} in twin vector 0 contains NaN"):
+        merge_with_weights(sh, [by_hand, made[1], made[2]], [0.2, 0.3, 0.5])

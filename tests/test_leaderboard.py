@@ -139,6 +139,34 @@ def test_track_results_reuses_a_matching_file_and_recomputes_a_stale_one(tmp_pat
         leaderboard.track_results("vision", "full", recompute=True, zoo=loaded)
 
 
+def test_results_of_another_zoo_are_neither_reused_nor_saved(tmp_path, monkeypatch):
+    from course_lib.models import llm
+    from course_lib.models.lora import LoraSpec
+    from course_lib.models.zoo import ZooConfig
+
+    monkeypatch.setattr(config, "RESULTS_DIR", tmp_path)
+    course = leaderboard.fingerprint("vision", "mini")
+    leaderboard.save(_record(fingerprint=course))
+    saved = leaderboard.results_path("vision", "mini").read_text()
+    computed = _record(fingerprint="from another zoo")
+    monkeypatch.setattr("course_lib.experiments.run_all", lambda zoo, progress: "results")
+    monkeypatch.setattr(leaderboard, "vision_record", lambda res, zoo: computed)
+    other = SimpleNamespace(profile="mini", world="a smaller config")
+    said = []
+    assert leaderboard.track_results("vision", "mini", zoo=other, log=said.append) is computed
+    assert said == ["vision track: computing, not saved (not the course's zoo) mini_vision.json"]
+    assert leaderboard.results_path("vision", "mini").read_text() == saved  # the course's kept
+    ours = SimpleNamespace(profile="mini", world=ZooConfig().digest())
+    assert leaderboard.track_results("vision", "mini", zoo=ours).fingerprint == course
+    # a record carries the world of the zoo it was computed on
+    assert leaderboard.world_of(other) == "a smaller config"
+    assert leaderboard.world_of(SimpleNamespace(profile="mini")) == "unknown"
+    assert "a smaller config" in leaderboard.fingerprint("vision", "mini", "a smaller config")
+    # the LLM world: base model + LoRA recipe, and the task sizes when they are not the defaults
+    assert llm.world(LoraSpec()) == leaderboard.world_id("llm", "mini")
+    assert llm.world(LoraSpec(), {"qa": 8}) != leaderboard.world_id("llm", "mini")
+
+
 def test_vision_record_counts_storage_in_models():
     pre = {"w": torch.zeros(10, 10), "b": torch.zeros(100), "ids": torch.arange(5)}
     zoo = SimpleNamespace(pretrained=pre, task_names=["a", "b"], profile="mini")
@@ -154,11 +182,15 @@ def test_vision_record_counts_storage_in_models():
     # `python -m course_lib course` prints its tables from such a record and a negation run
     from course_lib.__main__ import results_markdown
 
-    neg = SimpleNamespace(task="b", scaling=0.5, zeroshot={"a": 50.0, "b": 40.0},
-                          negated={"a": 47.5, "b": 5.0})  # fmt: skip
+    from course_lib.experiments import NegationResult
+
+    neg = NegationResult("b", 0.5, {"a": 50.0, "b": 40.0}, {"a": 47.5, "b": 5.0})
     text = results_markdown(out, neg)
     assert "rank ratio 0.1 (stored/dense parameters 0.250), router accuracy 90.0%" in text
-    assert "takes b from 40.0% to 5.0%; the largest drop on another task is 2.5 points" in text
+    assert "takes b from 40.0% to 5.0%; the largest drop on another task is 2.5 points." in text
+    assert "No λ tried" not in text
+    neg.within_tolerance = False  # no lambda kept the other tasks within 5 points on val
+    assert "No λ tried kept every other task within 5 points of θ0" in results_markdown(out, neg)
 
 
 def test_llm_record_counts_lora_factors_and_twin():

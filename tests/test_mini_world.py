@@ -30,12 +30,13 @@ def results(zoo):
     return res
 
 
-def test_the_saved_record_is_what_the_leaderboard_reuses(results):
+def test_the_saved_record_is_what_the_leaderboard_reuses(results, zoo):
     fp = leaderboard.fingerprint("vision", "mini")
     record = leaderboard.load(leaderboard.results_path("vision", "mini"), fp)
     assert record is not None, "the record was not saved, or its fingerprint does not match"
     assert record.absolute == results.absolute and record.chosen == results.chosen
     assert leaderboard.track_results("vision", "mini") == record  # reused, not recomputed
+    assert zoo.world == leaderboard.world_id("vision", "mini")  # the zoo is the course's
     assert record.stored["experts"] == 8.0 and 1.0 < record.stored["Twin-Merging"] < 8.0
 
 

@@ -151,3 +151,19 @@ def test_twin_pieces_on_the_tiny_zoo(built):
     # scores what the task-by-task evaluation scores (up to one float-noise flip per task)
     for t in z.task_names:
         assert abs(mixed[t] - res.accuracy[t]) <= 100 / 8 + 1e-9
+    # a test split smaller than per_task (16 here): each task is scored over the inputs it has
+    whole = ex.mixed_stream(z, shared, dense, router, per_task=100, batch_size=16)
+    full = ex.twin_accuracy(z, shared, dense, router, progress=False)
+    for t in z.task_names:
+        assert abs(whole[t] - full.accuracy[t]) <= 100 / 16 + 1e-9
+
+
+def test_negation_says_when_no_lambda_passes_the_control_rule(built):
+    from course_lib import experiments as ex
+
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    loose = ex.negation(z, "colors", lambdas=(0.1, 0.5), tolerance=101.0)  # every lambda passes
+    assert loose.within_tolerance and loose.scaling == 0.5
+    strict = ex.negation(z, "colors", lambdas=(0.1, 0.5), tolerance=-101.0)  # none can pass
+    assert not strict.within_tolerance and strict.scaling == 0.1
+    assert strict.tolerance == -101.0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.config import progress_bar
-from course_lib.state import check_number
+from course_lib.state import check_count, check_number
 
 Evaluate = Callable[[list[float]], float]
 
@@ -54,11 +54,6 @@ def _cached(evaluate: Evaluate, history: list[tuple[list[float], float]]) -> Eva
     return run
 
 
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def grid_values(start: float, stop: float, step: float) -> list[float]:
     """Inclusive grid, e.g. grid_values(0, 1, 0.05) -> [0.0, 0.05, ..., 1.0] without float drift."""
     start, stop, step = (
@@ -84,7 +79,7 @@ def search_scaling(
     progress: bool = False,
 ) -> SearchResult:
     """Maximize ``evaluate`` over per-task scalings; see the module docstring."""
-    _check_count("num_tasks", num_tasks)
+    check_count("num_tasks", num_tasks)
     history: list[tuple[list[float], float]] = []
     run = _cached(evaluate, history)
     if method == "grid":
@@ -98,7 +93,7 @@ def search_scaling(
     lo, hi = bounds
     if not lo < hi:
         raise ValueError(f"bounds must satisfy low < high, got {bounds}")
-    _check_count("budget", budget)
+    check_count("budget", budget)
     init, sigma = check_number("init", init), check_number("sigma", sigma)
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from course_lib.config import progress_bar
 from course_lib.merging._base import prepare
 from course_lib.merging.task_arithmetic import task_arithmetic
-from course_lib.state import StateDict, TaskVector, check_number
+from course_lib.state import StateDict, TaskVector, check_count, check_finite, check_number
 
 # -- 1. shared expert ----------------------------------------------------------------------
 
@@ -83,9 +83,14 @@ class LowRank:
 
 @dataclass(frozen=True)
 class CompressedVector:
-    """A twin vector with 2-D tensors stored as :class:`LowRank` factors, others dense."""
+    """A twin vector with 2-D tensors stored as :class:`LowRank` factors, others dense.
+
+    ``checked``: :func:`compress` checked the tensors it was made from (finite floats), so
+    :func:`merge_with_weights`, called once per input or group, does not scan them again.
+    """
 
     parts: dict[str, LowRank | Tensor]
+    checked: bool = field(default=False, compare=False)
 
     def __getitem__(self, key: str) -> Tensor:
         part = self.parts[key]
@@ -161,19 +166,19 @@ def compress(
                     parts[key] = low_rank(t, k)
                     continue
             parts[key] = t.clone()
-        out.append(CompressedVector(parts))
+        out.append(CompressedVector(parts, checked=True))
     return out
 
 
-def _check_vector_tensor(t: object, key: str, where: str) -> None:
-    """A twin vector's tensor must be a finite floating-point tensor (an integer one would
-    round its SVD factors, or its weighted sum, to nothing)."""
+def _check_vector_tensor(t: object, key: str, where: str, finite: bool = True) -> None:
+    """A twin vector's tensor must be a floating-point tensor (an integer one would round its
+    SVD factors, or its weighted sum, to nothing) and, when ``finite``, hold no NaN or Inf."""
     if not isinstance(t, Tensor):
         raise ValueError(f"key {key!r} in {where} is a {type(t).__name__}, not a Tensor")
     if not t.is_floating_point():
         raise ValueError(f"key {key!r} in {where} has dtype {t.dtype}; twin vectors are float")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"key {key!r} in {where} contains NaN or Inf values")
+    if finite:
+        check_finite(key, t, where)
 
 
 # -- 5. merging with router weights --------------------------------------------------------
@@ -211,9 +216,10 @@ def merge_with_weights(
             raise ValueError(f"key {odd!r} is in only one of twin vectors 0 and {i}")
         # the stored tensors (a compressed vector's factors), not dense copies
         stored = v.parts if isinstance(v, CompressedVector) else v
+        scan = not (isinstance(v, CompressedVector) and v.checked)
         for key, part in stored.items():
             for t in (part.left, part.right) if isinstance(part, LowRank) else (part,):
-                _check_vector_tensor(t, key, f"twin vector {i}")
+                _check_vector_tensor(t, key, f"twin vector {i}", finite=scan)
     missing = [k for k in keys if k not in shared]
     if missing:
         raise ValueError(f"key {missing[0]!r} of the twin vectors is not in the shared expert")
@@ -349,10 +355,8 @@ def train_router(
     """
     if select not in ("accuracy", "loss"):
         raise ValueError(f"select must be 'accuracy' or 'loss', got {select!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2 (BatchNorm), got {batch_size!r}")
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size, minimum=2)  # BatchNorm needs two inputs per batch
     _check_router_data(router, features, labels, "features/labels")
     if val is not None:
         if len(val) != 2:

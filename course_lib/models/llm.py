@@ -17,6 +17,7 @@ published float weights.
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -103,6 +104,13 @@ def load_pretrained(
         tok.pad_token = tok.convert_ids_to_tokens(end_of_turn_id(tok))
     tok.padding_side = "left"  # batched generation continues every prompt at its right end
     return model.to(device).eval(), tok
+
+
+def world(spec, sizes: dict[str, int] | None = None) -> str:
+    """What the LLM track's numbers are measured on: the base model, the LoRA recipe ``spec``
+    (a :class:`course_lib.models.lora.LoraSpec`) and the task sizes, if not the defaults."""
+    base = f"{SMOLLM2_ID}@{SMOLLM2_REVISION}:{spec.digest()}"
+    return base if sizes is None else f"{base}:sizes={json.dumps(sizes, sort_keys=True)}"
 
 
 def load_llm(profile: str | None = None, *, root: Path | None = None, model_id: str = SMOLLM2_ID):

@@ -86,6 +86,7 @@ class Zoo:
     encoder_config: CLIPVisionConfig
     logit_scale: float = 100.0
     info: dict = field(default_factory=dict)
+    world: str = ""  # what was loaded: the mini config's digest, or the full model's id
     _encoder: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -376,6 +377,7 @@ def load_zoo(
         encoder_config=hub.encoder_config(clip),
         logit_scale=data["info"]["logit_scale"],
         info=data["info"],
+        world=cfg.digest(),
     )
 
 
@@ -416,4 +418,5 @@ def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
         heads=heads,
         encoder_config=hub.encoder_config(clip),
         logit_scale=clip.logit_scale.detach().exp().item(),
+        world=hub.FULL_MODEL,
     )
