@@ -35,6 +35,26 @@ def _tensor(x, what: str) -> Tensor:
     return x
 
 
+def _scalar(x, what: str) -> float:
+    """The learner's single-number answer as a float, or a clear error (None, a dict, a tensor
+    of many values)."""
+    if isinstance(x, Tensor) and x.numel() == 1:
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        shape = f" of shape {list(x.shape)}" if isinstance(x, Tensor) else ""
+        raise ExerciseError(f"{what} should return one number, got a {type(x).__name__}{shape}")
+    return float(x)
+
+
+def _untouched(before: Tensor, after: Tensor, what: str) -> None:
+    """The input the learner's function received must hold its original values afterwards."""
+    if not torch.equal(before, after):
+        raise ExerciseError(
+            f"{what} changed its input in place: work on a copy (e.g. tau.abs(), not tau.abs_(); "
+            "x = x * m, not x *= m or x[...] = 0)"
+        )
+
+
 def _ok(message: str) -> bool:
     print(f"\N{CHECK MARK} {message}")
     return True
@@ -62,13 +82,18 @@ def check_normalized_accuracy(fn: Callable[[dict, dict], dict]) -> bool:
     if _close([got["a"], got["b"]], [200.0, 111.111]):
         raise ExerciseError("divide the merged accuracy by the expert's, not the other way round")
     _diagnose([got["a"], got["b"]], [50.0, 90.0], {}, "normalized accuracy")
+    other = fn({"c": 33.0}, {"c": 90.0})  # not a whole percentage: no rounding, no //
+    if not isinstance(other, Mapping) or not _close(_scalar(other.get("c"), "the entry"), 36.6667):
+        raise ExerciseError(
+            f"for acc 33 and expert 90 expected 36.667 (100 * 33 / 90, not rounded), got {other}"
+        )
     return _ok("normalized accuracy = 100 * merged / expert, per task")
 
 
 def check_cross_task(fn: Callable[..., float], zoo) -> bool:
     """``fn(zoo, source, target, limit)`` -> accuracy of expert ``source`` on task ``target``."""
     source, target = zoo.task_names[0], zoo.task_names[-1]
-    got = float(fn(zoo, source, target, limit=100))
+    got = _scalar(fn(zoo, source, target, limit=100), "cross_task")
     expected = zoo.evaluate(zoo.experts[source], "test", [target], limit=100)[target]
     own = zoo.evaluate(zoo.experts[target], "test", [target], limit=100)[target]
     zero = zoo.evaluate(zoo.pretrained, "test", [target], limit=100)[target]
@@ -87,15 +112,33 @@ def check_cross_task(fn: Callable[..., float], zoo) -> bool:
 
 def check_task_vector(fn: Callable[[dict, dict], dict]) -> bool:
     """``fn(pretrained, finetuned)`` -> ``{key: finetuned[key] - pretrained[key]}`` (floats only)."""
-    pre = {"w": torch.tensor([1.0, 2.0, 3.0]), "step": torch.tensor([7])}
-    ft = {"w": torch.tensor([1.5, 1.0, 3.0]), "step": torch.tensor([9])}
+    pre = {
+        "w": torch.tensor([1.0, 2.0, 3.0]),
+        "h": torch.tensor([1.0, 0.5], dtype=torch.float16),
+        "step": torch.tensor([7]),
+        "count": torch.tensor([3], dtype=torch.int32),
+    }
+    ft = {
+        "w": torch.tensor([1.5, 1.0, 3.0]),
+        "h": torch.tensor([2.0, 0.5], dtype=torch.float16),
+        "step": torch.tensor([9]),
+        "count": torch.tensor([4], dtype=torch.int32),
+    }
     got = fn(pre, ft)
     if not isinstance(got, Mapping):
         raise ExerciseError(f"return a dict of tensors, got {type(got).__name__}")
-    if "step" in got:
-        raise ExerciseError("integer buffers (like 'step') are not weights: skip them")
-    if "w" not in got:
-        raise ExerciseError("the task vector needs an entry for every float tensor, e.g. 'w'")
+    if set(pre) != {"w", "h", "step", "count"} or set(ft) != set(pre):
+        raise ExerciseError("do not delete keys from the inputs: build a new dict")
+    if "step" in got or "count" in got:
+        raise ExerciseError(
+            "integer buffers (like 'step' and 'count', int64 and int32) are not weights: skip "
+            "them (tensor.is_floating_point() tells)"
+        )
+    if "w" not in got or "h" not in got:
+        raise ExerciseError(
+            "the task vector needs an entry for every floating-point tensor, float16 "
+            f"included ('w' and 'h' here); got {sorted(got)}"
+        )
     w = _tensor(got["w"], "the task vector's 'w'")
     _diagnose(
         w,
@@ -103,6 +146,8 @@ def check_task_vector(fn: Callable[[dict, dict], dict]) -> bool:
         {"the task vector is finetuned - pretrained, not pretrained - finetuned": [-0.5, 1.0, 0.0]},
         "task vector",
     )
+    if not _close(_tensor(got["h"], "the task vector's 'h'").float(), [1.0, 0.0]):
+        raise ExerciseError(f"'h' should be [1.0, 0.0] (finetuned - pretrained), got {got['h']}")
     if pre["w"].tolist() != [1.0, 2.0, 3.0] or ft["w"].tolist() != [1.5, 1.0, 3.0]:
         raise ExerciseError("do not modify the inputs in place (use a - b, not a.sub_(b))")
     return _ok("tau = theta_ft - theta_0, float tensors only, inputs untouched")
@@ -112,7 +157,7 @@ def check_cosine(fn: Callable[[dict, dict], float]) -> bool:
     """``fn(tau_a, tau_b)`` -> cosine similarity over *all* tensors together."""
     a = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0, 2.0])}
     b = {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([0.0, 0.0])}
-    got = float(fn(a, b))
+    got = _scalar(fn(a, b), "my_cosine")
     per_tensor_mean = (1 / 2**0.5 + 0.0) / 2
     _diagnose(
         got,
@@ -124,6 +169,13 @@ def check_cosine(fn: Callable[[dict, dict], float]) -> bool:
         },
         "cosine similarity",
     )
+    opposed = _scalar(
+        fn({"x": torch.tensor([1.0, 0.0])}, {"x": torch.tensor([-1.0, 1.0])}), "my_cosine"
+    )
+    if not _close(opposed, -(0.5**0.5)):
+        raise ExerciseError(
+            f"for [1, 0] and [-1, 1] expected -0.7071 (a cosine keeps its sign), got {opposed:.4f}"
+        )
     return _ok("cosine over the whole flattened task vector")
 
 
@@ -133,7 +185,9 @@ def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
     tau = torch.tensor(
         [[1.0, -1.0, 0.0, 2.0, 0.0], [2.0, 1.0, -1.0, -3.0, 0.0], [0.5, 0.0, 0.0, 1.0, 0.0]]
     )
-    got = float(fn(tau.clone()))
+    given = tau.clone()
+    got = _scalar(fn(given), "conflict_rate")
+    _untouched(tau, given, "conflict_rate")
     _diagnose(
         got,
         2 / 5,
@@ -144,13 +198,23 @@ def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
         },
         "sign-conflict rate",
     )
+    # every task counts, not only the first one or two: the last column's conflict is 2 vs 3
+    more = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]])
+    got = _scalar(fn(more.clone()), "conflict_rate")
+    if not _close(got, 2 / 3):
+        raise ExerciseError(
+            f"for {more.tolist()} expected 2/3: a conflict between any two tasks counts, "
+            f"not only those with task 0 (got {got:.4f})"
+        )
     return _ok("a conflict is a column with at least one positive and one negative entry")
 
 
 def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
     """``fn(tau, fraction)`` -> share of sum(tau^2) held by the top ``fraction`` of |entries|."""
     tau = torch.tensor([3.0, -4.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    got = float(fn(tau.clone(), 0.2))
+    given = tau.clone()
+    got = _scalar(fn(given, 0.2), "top_mass_share")
+    _untouched(tau, given, "top_mass_share")
     _diagnose(
         got,
         25 / 26,
@@ -161,6 +225,12 @@ def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
         },
         "top-mass share",
     )
+    rounded = _scalar(fn(tau.clone(), 0.27), "top_mass_share")  # int(0.27 * 10) = 2 entries
+    if not _close(rounded, 25 / 26):
+        raise ExerciseError(
+            f"with fraction 0.27 keep int(0.27 * 10) = 2 entries (share 25/26 = 0.9615), "
+            f"got {rounded:.4f}: round down, and count entries rather than use a quantile"
+        )
     return _ok(f"the top 20% of entries hold {100 * got:.0f}% of ||tau||^2 here")
 
 
@@ -176,7 +246,9 @@ _TAU = torch.tensor(
 
 def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
     """``fn(tau [T, n], density)`` keeps the top-k |entries| of each row, k = floor(density*n)."""
-    got = _tensor(fn(_TAU.clone(), 0.5), "trim")
+    given = _TAU.clone()
+    got = _tensor(fn(given, 0.5), "trim")
+    _untouched(_TAU, given, "trim")
     if got.shape != _TAU.shape:
         raise ExerciseError(f"trim must keep the shape {tuple(_TAU.shape)}, got {tuple(got.shape)}")
     expected = trim(_TAU, 0.5)
@@ -200,13 +272,16 @@ def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
         },
         "trim",
     )
-    # density 0.5 keeps 3 of 6 however it is read; 0.4 tells floor from ceil and kept from dropped
-    other = _tensor(fn(_TAU.clone(), 0.4), "trim")
-    if not torch.equal(other, trim(_TAU, 0.4)):
-        raise ExerciseError(
-            "with density 0.4 keep k = floor(0.4 * 6) = 2 entries per row (density is the "
-            f"fraction kept, rounded down); got {int((other != 0).sum(1).max())} kept in a row"
-        )
+    # density 0.5 keeps 3 of 6 however it is read; 0.4 tells floor from ceil and kept from
+    # dropped, 0.6 floor from round (and from a quantile threshold)
+    for density, k in ((0.4, 2), (0.6, 3)):
+        other = _tensor(fn(_TAU.clone(), density), "trim")
+        if not torch.equal(other, trim(_TAU, density)):
+            raise ExerciseError(
+                f"with density {density} keep k = floor({density} * 6) = {k} entries per row "
+                "(density is the fraction kept, rounded down); got "
+                f"{int((other != 0).sum(1).max())} kept in a row"
+            )
     return _ok("trim keeps the top-k magnitudes of each task vector")
 
 
@@ -231,6 +306,12 @@ def check_elect(fn: Callable[[Tensor], Tensor]) -> bool:
         },
         "elect",
     )
+    close_call = torch.tensor([[0.5], [-0.3], [-0.3]])  # one large entry, outvoted by mass
+    if _close(_tensor(fn(close_call.clone()), "elect"), [1.0]):
+        raise ExerciseError(
+            "for the column [0.5, -0.3, -0.3] the sum is -0.1, so the sign is -1: every task's "
+            "mass votes, not only the largest entry"
+        )
     return _ok("the elected sign is the sign of the summed mass")
 
 
@@ -238,7 +319,9 @@ def check_disjoint_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> bool:
     """``fn(trimmed, gamma)`` -> mean over the tasks whose sign agrees with gamma (0 if none)."""
     trimmed = trim(_TAU, 0.5)
     gamma = elect(trimmed, zero_sign=1.0)
-    got = _tensor(fn(trimmed.clone(), gamma.clone()), "disjoint_merge")
+    given = trimmed.clone()
+    got = _tensor(fn(given, gamma.clone()), "disjoint_merge")
+    _untouched(trimmed, given, "disjoint_merge")
     expected = disjoint_merge(trimmed, gamma, "mean")
     agree = (trimmed.sign() == gamma) & (trimmed != 0)
     _diagnose(
@@ -269,7 +352,9 @@ _U = _M * torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0], [-1.0, 1.
 
 def check_intra_balance(fn: Callable[[Tensor], Tensor]) -> bool:
     """``fn(m [T, n])`` -> exp(T * m^2) (PCB's intra-balancing in the official code)."""
-    got = _tensor(fn(_M.clone()), "intra_balance")
+    given = _M.clone()
+    got = _tensor(fn(given), "intra_balance")
+    _untouched(_M, given, "intra_balance")
     t = _M.shape[0]
     _diagnose(
         got,
@@ -288,7 +373,9 @@ def check_intra_balance(fn: Callable[[Tensor], Tensor]) -> bool:
 
 def check_inter_balance(fn: Callable[[Tensor], Tensor]) -> bool:
     """``fn(u [T, n])`` -> sum_j tanh(u_i * u_j) for every task i (the j = i term included)."""
-    got = _tensor(fn(_U.clone()), "inter_balance")
+    given = _U.clone()
+    got = _tensor(fn(given), "inter_balance")
+    _untouched(_U, given, "inter_balance")
     expected = inter_balance(_U, _U.abs(), "pairwise")
     without_self = expected - torch.tanh(_U * _U)
     _diagnose(
@@ -315,7 +402,10 @@ def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
         {"w": torch.tensor([0.0, -1.0]), "b": torch.tensor([4.0])},
     ]
     w = torch.tensor([0.75, 0.25])
+    before = {k: v.clone() for k, v in shared.items()}
     got = fn(shared, vectors, w)
+    for k, v in before.items():
+        _untouched(v, shared[k], "merge_with_weights (the shared expert)")
     if not isinstance(got, Mapping) or set(got) != {"w", "b"}:
         raise ExerciseError("return a state dict with the same keys as `shared`")
     flat = torch.cat([_tensor(got["w"], "merged 'w'"), _tensor(got["b"], "merged 'b'")])
@@ -333,6 +423,17 @@ def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
         },
         "merge_with_weights",
     )
+    unnormalized = fn(
+        shared, vectors, torch.tensor([0.5, 1.0])
+    )  # a group's weights need not sum to 1
+    got = torch.cat(
+        [_tensor(unnormalized["w"], "merged 'w'"), _tensor(unnormalized["b"], "merged 'b'")]
+    )
+    if not _close(got, [1.5, 0.0, 5.0]):
+        raise ExerciseError(
+            f"with w = [0.5, 1.0] expected [1.5, 0.0] and [5.0] (the weights as given, not "
+            f"renormalized to sum to 1), got {got.tolist()}"
+        )
     return _ok("merged = shared + sum_t w_t v_t")
 
 
@@ -341,7 +442,7 @@ def check_low_rank(fn: Callable[[Tensor, int], tuple[Tensor, Tensor]]) -> bool:
     g = torch.Generator().manual_seed(0)
     mat = torch.randn(6, 5, generator=g)
     out = fn(mat.clone(), 2)
-    if not (isinstance(out, tuple) and len(out) == 2):
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ExerciseError("return the two factors (A, B) so that A @ B approximates the matrix")
     a, b = _tensor(out[0], "factor A"), _tensor(out[1], "factor B")
     if a.shape != (6, 2) or b.shape != (2, 5):
@@ -370,8 +471,10 @@ def check_lora_delta(fn: Callable[[Tensor, Tensor, float, int], Tensor]) -> bool
     """``fn(A [r, in], B [out, r], alpha, r)`` -> the LoRA update (alpha / r) * B @ A."""
     a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # r = 2, in = 3
     b = torch.tensor([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0], [1.0, -1.0]])  # out = 4
+    want = 4.0 * (b @ a)
+    given_a, given_b = a.clone(), b.clone()
     try:
-        got = _tensor(fn(a, b, 8.0, 2), "lora_delta")
+        got = _tensor(fn(given_a, given_b, 8.0, 2), "lora_delta")
     except NotImplementedError:  # a RuntimeError too: the exercise is still open
         raise
     except RuntimeError as err:  # a shape mismatch inside the learner's matmul
@@ -379,7 +482,8 @@ def check_lora_delta(fn: Callable[[Tensor, Tensor, float, int], Tensor]) -> bool
             f"the product failed ({err}); A is [r, in] = [2, 3] and B is [out, r] = [4, 2]: "
             "which order gives [out, in]?"
         ) from err
-    want = 4.0 * (b @ a)
+    _untouched(a, given_a, "lora_delta (A)")
+    _untouched(b, given_b, "lora_delta (B)")
     if tuple(got.shape) != (4, 3):
         raise ExerciseError(
             f"the update must have the weight's shape [out, in] = [4, 3], got {tuple(got.shape)}"
@@ -394,6 +498,11 @@ def check_lora_delta(fn: Callable[[Tensor, Tensor, float, int], Tensor]) -> bool
         },
         "lora_delta",
     )
+    odd = _tensor(fn(a.clone(), b.clone(), 3.0, 2), "lora_delta")  # alpha / r = 1.5
+    if not _close(odd, 1.5 * (b @ a)):
+        raise ExerciseError(
+            "with alpha = 3 and r = 2 the scale is 3 / 2 = 1.5: use true division, not alpha // r"
+        )
     return _ok("Delta W = (alpha / r) * B @ A, shape [out, in]")
 
 
@@ -453,8 +562,12 @@ def check_pareto_front(fn: Callable[[dict], list]) -> bool:
         got, expected = fn(dict(points)), pareto_front(points)
         if not isinstance(got, list | tuple):
             raise ExerciseError(f"return a list of method names, got {type(got).__name__}")
-        if set(got) == set(expected):
+        if list(got) == expected:
             continue
+        if set(got) == set(expected):
+            raise ExerciseError(
+                f"right methods, wrong order: return them in the order of `points` ({expected})"
+            )
         if "avg" in got:
             raise ExerciseError(
                 "'avg' stores as much as 'ta' and scores less: it is dominated, drop it"
@@ -481,14 +594,20 @@ def check_best_under_budget(fn: Callable[[list, str, float], object]) -> bool:
         row("vision", "task arithmetic", "one merged model", 42.0, 1.0),
         row("vision", "PCB-Merging", "one merged model", 44.0, 1.0),
         row("vision", "Twin-Merging", "router + merge per input", 86.0, 2.8),
+        row("llm", "LoRA experts", "reference", 100.0, 1.02),
+        row("llm", "TIES-Merging", "one merged model", 56.0, 1.0),
         row("llm", "Twin-Merging", "router + merge per group", 99.0, 1.1),
     ]
-    for track, budget in [("vision", 1.0), ("vision", 3.0), ("vision", 100.0), ("vision", 0.5)]:
+    cases = [("vision", 1.0), ("vision", 3.0), ("vision", 100.0), ("vision", 0.5)]
+    cases += [("llm", 1.05), ("llm", 0.9), ("llm", 2.0)]
+    for track, budget in cases:
         got, expected = fn(rows, track, budget), best_under_budget(rows, track, budget)
         if got == expected:
             continue
-        if got == "experts":
-            raise ExerciseError("the experts are the reference, not a merge: leave them out")
+        if got in ("experts", "LoRA experts"):
+            raise ExerciseError(
+                f"{got!r} is a reference (kind 'reference'), not a merge: leave references out"
+            )
         if got == "Twin-Merging" and track == "vision" and budget == 1.0:
             raise ExerciseError("Twin-Merging stores 2.8 models: it does not fit a budget of 1")
         if expected is None:

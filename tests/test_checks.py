@@ -241,10 +241,169 @@ def test_best_under_budget():
         fits = [r for r in rows if r["track"] == track and r["stored (models)"] <= budget]
         return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
 
-    wrong(checks.check_best_under_budget, no_filter, "reference, not a merge")
+    wrong(checks.check_best_under_budget, no_filter, "is a reference")
 
     def no_budget(rows, track, budget):
         fits = [r for r in rows if r["track"] == track and r["kind"] != "reference"]
         return max(fits, key=lambda r: r["normalized (%)"])["method"]
 
     wrong(checks.check_best_under_budget, no_budget, "does not fit a budget of 1")
+
+
+# Wrong answers a review found accepted (each passed the checkers of the previous commit).
+
+
+def test_rounding_and_counting_mistakes_are_caught():
+    wrong(
+        checks.check_normalized_accuracy,
+        lambda a, e: {t: 100 * a[t] // e[t] for t in a},
+        "36.667",
+    )
+    wrong(
+        checks.check_normalized_accuracy,
+        lambda a, e: {t: round(100 * a[t] / e[t]) for t in a},
+        "not rounded",
+    )
+
+    def trim_round(tau, d):
+        k = round(d * tau.shape[1])
+        thr = tau.abs().topk(k, dim=1).values[:, -1:]
+        return tau * (tau.abs() >= thr)
+
+    wrong(checks.check_trim, trim_round, r"density 0.6 keep k = floor\(0.6 \* 6\) = 3")
+
+    def trim_quantile(tau, d):
+        thr = torch.quantile(tau.abs(), 1 - d, dim=1, keepdim=True)
+        return tau * (tau.abs() >= thr)
+
+    wrong(checks.check_trim, trim_quantile, "density 0.6")
+    for k_of in (math.ceil, round):
+
+        def share(tau, f, k_of=k_of):
+            top = tau.abs().topk(k_of(f * tau.numel())).values
+            return float((top**2).sum() / (tau**2).sum())
+
+        wrong(checks.check_top_mass_share, share, "fraction 0.27")
+    wrong(
+        checks.check_conflict_rate,
+        lambda t: float((t[0] * t[1:] < 0).any(0).float().mean()),
+        "not only those with task 0",
+    )
+    wrong(
+        checks.check_conflict_rate,
+        lambda t: float((t[0] * t[1] < 0).float().mean()),
+        "2/3",
+    )
+    largest = lambda t: t.gather(0, t.abs().argmax(0, keepdim=True)).squeeze(0).sign()  # noqa: E731
+    wrong(checks.check_elect, largest, "not only the largest entry")
+    wrong(checks.check_cosine, lambda a, b: abs(_cos(a, b)), "keeps its sign")
+    wrong(checks.check_lora_delta, lambda a, b, alpha, r: (alpha // r) * b @ a, "true division")
+
+
+def _cos(a, b):
+    x = torch.cat([v.flatten() for v in a.values()])
+    y = torch.cat([v.flatten() for v in b.values()])
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+def test_inputs_changed_in_place_are_caught():
+    def share_in_place(tau, f):
+        sq = tau.square_()
+        return float(sq.topk(int(f * tau.numel())).values.sum() / sq.sum())
+
+    wrong(checks.check_top_mass_share, share_in_place, "changed its input in place")
+
+    def trim_in_place(tau, d):
+        keep = trim(tau, d) != 0
+        tau[~keep] = 0
+        return tau
+
+    wrong(checks.check_trim, trim_in_place, "changed its input in place")
+
+    def disjoint_in_place(t, g):
+        t[t.sign() != g] = 0
+        return t.sum(0) / (t != 0).sum(0).clamp(min=1)
+
+    wrong(checks.check_disjoint_mean, disjoint_in_place, "changed its input in place")
+    wrong(
+        checks.check_intra_balance,
+        lambda m: m.mul_(m).mul_(m.shape[0]).exp_(),
+        "changed its input in place",
+    )
+
+    def merge_in_place(shared, vectors, w):
+        out = dict(shared)
+        for t, v in enumerate(vectors):
+            for k in out:
+                out[k] += w[t] * v[k]
+        return out
+
+    wrong(checks.check_merge_with_weights, merge_in_place, "changed its input in place")
+
+    def lora_in_place(a, b, alpha, r):
+        b *= alpha / r
+        return b @ a
+
+    wrong(checks.check_lora_delta, lora_in_place, "changed its input in place")
+
+
+def test_task_vector_dtypes_and_kept_keys():
+    wrong(
+        checks.check_task_vector,
+        lambda p, f: {k: f[k] - p[k] for k in p if p[k].dtype == torch.float32},
+        "float16",
+    )
+    wrong(
+        checks.check_task_vector,
+        lambda p, f: {k: f[k] - p[k] for k in p if p[k].dtype != torch.int64},
+        "int64 and int32",
+    )
+
+    def deletes(p, f):
+        for d in (p, f):
+            for k in [k for k in d if not d[k].is_floating_point()]:
+                del d[k]
+        return {k: f[k] - p[k] for k in p}
+
+    wrong(checks.check_task_vector, deletes, "do not delete keys")
+
+
+def test_merge_weights_are_used_as_given_and_answers_in_the_asked_form():
+    wrong(
+        checks.check_merge_with_weights,
+        lambda s, vs, w: {
+            k: s[k] + sum((w / w.sum())[t] * v[k] for t, v in enumerate(vs)) for k in s
+        },
+        "not renormalized",
+    )
+    u = lambda m, r: torch.linalg.svd(m, full_matrices=False)  # noqa: E731
+    as_list = lambda m, r: [u(m, r)[0][:, :r] * u(m, r)[1][:r], u(m, r)[2][:r]]  # noqa: E731
+    assert checks.check_low_rank(as_list)  # a list of two factors is a fine answer
+    wrong(checks.check_cosine, lambda a, b: None, "should return one number, got a NoneType")
+    wrong(
+        checks.check_conflict_rate,
+        lambda t: ((t > 0).any(0) & (t < 0).any(0)).float(),
+        r"one number, got a Tensor of shape \[5\]",
+    )
+
+
+def test_leaderboard_exercises_check_order_track_and_references():
+    from course_lib.leaderboard import pareto_front
+
+    wrong(checks.check_pareto_front, lambda p: sorted(pareto_front(p)), "wrong order")
+
+    def any_track(rows, track, budget):
+        fits = [r for r in rows if r["kind"] != "reference" and r["stored (models)"] <= budget]
+        return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
+
+    wrong(checks.check_best_under_budget, any_track, "expected 'PCB-Merging'")
+
+    def by_name(rows, track, budget):
+        fits = [
+            r
+            for r in rows
+            if r["track"] == track and r["method"] != "experts" and r["stored (models)"] <= budget
+        ]
+        return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
+
+    wrong(checks.check_best_under_budget, by_name, "'LoRA experts' is a reference")
