@@ -181,7 +181,6 @@ def test_vision_record_counts_storage_in_models():
     assert out.notes["router accuracy (%)"] == 90.0 and out.notes["twin rank ratio"] == 0.1
     # `python -m course_lib course` prints its tables from such a record and a negation run
     from course_lib.__main__ import results_markdown
-
     from course_lib.experiments import NegationResult
 
     neg = NegationResult("b", 0.5, {"a": 50.0, "b": 40.0}, {"a": 47.5, "b": 5.0})
