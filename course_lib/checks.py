@@ -198,7 +198,7 @@ def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
         },
         "sign-conflict rate",
     )
-    # every task counts, not only the first one or two: the last column's conflict is 2 vs 3
+    # every pair of tasks counts, not only pairs with task 0: column 1's conflict is task 1 vs 2
     more = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]])
     got = _scalar(fn(more.clone()), "conflict_rate")
     if not _close(got, 2 / 3):
@@ -423,9 +423,8 @@ def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
         },
         "merge_with_weights",
     )
-    unnormalized = fn(
-        shared, vectors, torch.tensor([0.5, 1.0])
-    )  # a group's weights need not sum to 1
+    # a group's mean weights need not sum to 1 (and a learner must not renormalize them)
+    unnormalized = fn(shared, vectors, torch.tensor([0.5, 1.0]))
     got = torch.cat(
         [_tensor(unnormalized["w"], "merged 'w'"), _tensor(unnormalized["b"], "merged 'b'")]
     )
