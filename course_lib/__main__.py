@@ -102,6 +102,14 @@ def _report(text: str, name: str, start: float) -> int:
     out = RESULTS_DIR / name
     out.write_text(text + "\n")
     print(f"\nwritten to {out} in {time.perf_counter() - start:.0f} s")
+    from course_lib import evalcache
+
+    if evalcache.hits():
+        print(
+            f"{evalcache.hits()} accuracies were read from {evalcache.root()} (same weights, data "
+            f"and code: {evalcache.seconds_saved():.0f} s of evaluation when they were computed; "
+            "COURSE_EVAL_CACHE=off evaluates everything again)"
+        )
     return 0
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from course_lib import config
+from course_lib import config, evalcache
 from course_lib.config import progress_bar
 from course_lib.eval import EVAL_BATCH_SIZE
 from course_lib.merging import (
@@ -365,10 +365,14 @@ class Results:
 
 @contextlib.contextmanager
 def stopwatch(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Record the wall time of the ``with`` block as ``seconds[name]`` (rounded to 0.1 s)."""
-    t0 = time.perf_counter()
+    """Record the wall time of the ``with`` block as ``seconds[name]`` (rounded to 0.1 s).
+
+    Evaluations served from the cache count as the time they took when they ran
+    (:func:`course_lib.evalcache.seconds_saved`), so a method's cost does not depend on what an
+    earlier run left in the cache."""
+    t0, saved = time.perf_counter(), evalcache.seconds_saved()
     yield
-    seconds[name] = round(time.perf_counter() - t0, 1)
+    seconds[name] = round(time.perf_counter() - t0 + evalcache.seconds_saved() - saved, 1)
 
 
 def run_all(zoo: Zoo, *, progress: bool = True, twin_rank_ratio: float = 0.1) -> Results:

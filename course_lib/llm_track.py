@@ -15,6 +15,7 @@ grouped by the task the router picks, one merged model per group (``mode="group"
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from course_lib import config
+from course_lib import config, evalcache
 from course_lib.config import progress_bar
 from course_lib.data.text import TextExample, TextTask, exact_match, load_text_tasks
 from course_lib.merging import compress, merge_with_weights, shared_expert, train_router
@@ -123,12 +124,15 @@ class LLMZoo:
         *,
         limit: int | None = None,
     ) -> dict[str, float]:
-        """Exact-match accuracy (%) of one merged state on each task."""
-        out = {}
-        for t in tasks or self.task_names:
-            answers = [e.answer for e in self.tasks[t].examples(split)[:limit]]
-            out[t] = exact_match(self.answers(state, t, split, limit), answers)
-        return out
+        """Exact-match accuracy (%) of one merged state on each task (remembered in the cache,
+        :mod:`course_lib.evalcache`: the same weights are evaluated once)."""
+        memo = evalcache.Memo(self.world, state or self.pretrained, split, limit)
+
+        def compute(task: str) -> float:
+            answers = [e.answer for e in self.tasks[task].examples(split)[:limit]]
+            return exact_match(self.answers(state, task, split, limit), answers)
+
+        return {t: memo(t, functools.partial(compute, t)) for t in tasks or self.task_names}
 
 
 def _base_id(profile: str, model) -> str:

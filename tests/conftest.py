@@ -9,6 +9,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from course_lib import evalcache  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_eval_cache():
+    """Tests evaluate for real: no accuracy comes from the cache of an earlier run (a test that
+    monkeypatches the evaluation would otherwise be served the real number). Tests of the cache
+    and of the real mini world switch it on themselves; notebook kernels are other processes."""
+    with evalcache.using("off"):
+        yield
+
 
 def random_models(num_tasks=3, seed=0, shapes=None, scale=0.1):
     """A pretrained state dict and ``num_tasks`` fine-tuned ones (random, float32)."""

@@ -211,6 +211,28 @@ def test_zoo_evaluates_states_and_restores_the_base(tiny_zoo):
         zoo.evaluate({"lm_head.weight": torch.zeros(1)})
 
 
+def test_zoo_remembers_accuracies_of_the_same_weights(tiny_zoo, tmp_path, monkeypatch):
+    from course_lib import config, evalcache
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tiny_zoo, "world", "tiny llm world")  # a loaded zoo carries its world
+    decoded = []
+    answers = LLMZoo.answers
+    monkeypatch.setattr(
+        LLMZoo, "answers", lambda self, *a, **k: decoded.append(a[1]) or answers(self, *a, **k)
+    )
+    merged = task_arithmetic(tiny_zoo.pretrained, tiny_zoo.finetuned(), scaling=0.5)
+    with evalcache.using("on"):
+        first = tiny_zoo.evaluate(merged, "val")
+        assert decoded == ["colour", "shape"]
+        again = {k: v.clone() for k, v in merged.items()}  # equal bytes, another object
+        assert tiny_zoo.evaluate(again, "val") == first and len(decoded) == 2  # served
+        tiny_zoo.evaluate(merged, "val", limit=1)  # fewer questions: another number
+        assert len(decoded) == 4
+        tiny_zoo.evaluate(task_arithmetic(tiny_zoo.pretrained, tiny_zoo.finetuned(), 0.6), "val")
+        assert len(decoded) == 6
+
+
 def test_zoo_of_non_layer_weights_is_a_clear_error(tiny_zoo):
     z = tiny_zoo
     head = {"lm_head.weight": z.model.lm_head.weight.detach().clone()}

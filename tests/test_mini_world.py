@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from course_lib import evalcache, leaderboard
 from course_lib import experiments as ex
-from course_lib import leaderboard
 from course_lib.models.zoo import load_zoo
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,8 @@ def zoo():
 
 @pytest.fixture(scope="module")
 def results(zoo):
-    res = ex.run_all(zoo, progress=False)
+    with evalcache.using("on"):  # what it evaluates, the notebooks (run later by nbval) reuse
+        res = ex.run_all(zoo, progress=False)
     # saved as `python -m course_lib course` saves it: notebook 07 (run later by nbval) reuses it
     leaderboard.save(leaderboard.vision_record(res, zoo))
     return res

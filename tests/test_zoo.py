@@ -167,3 +167,27 @@ def test_negation_says_when_no_lambda_passes_the_control_rule(built):
     strict = ex.negation(z, "colors", lambdas=(0.1, 0.5), tolerance=-101.0)  # none can pass
     assert not strict.within_tolerance and strict.scaling == 0.1
     assert strict.tolerance == -101.0
+
+
+def test_evaluations_are_remembered_per_task_and_state(built, tmp_path, monkeypatch):
+    from course_lib import config, evalcache
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    assert z.world == TINY.digest()
+    calls = Counter(zoo_mod.accuracy)
+    monkeypatch.setattr(zoo_mod, "accuracy", calls)
+    with evalcache.using("on"):
+        first = z.evaluate(z.pretrained, "test")
+        assert calls.calls == len(TINY.tasks)
+        assert z.evaluate(None, "test") == first and calls.calls == len(TINY.tasks)  # served
+        expert = z.experts["digits"]
+        one = z.evaluate(expert, "test", ["digits"])
+        assert z.evaluate(expert, "test")["digits"] == one["digits"]
+        assert calls.calls == 2 * len(TINY.tasks)  # the expert once per task
+        z.heads["shapes"] = z.heads["shapes"].flip(0)  # another head: evaluated again
+        z.evaluate(None, "test", ["shapes"])
+        assert calls.calls == 2 * len(TINY.tasks) + 1
+    with evalcache.using("off"):
+        assert z.evaluate(expert, "test", ["digits"]) == one  # the same number computed again
+        assert calls.calls == 2 * len(TINY.tasks) + 2

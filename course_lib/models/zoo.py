@@ -19,6 +19,7 @@ The cache is safe to interrupt and to share:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import CLIPModel, CLIPVisionConfig
 
-from course_lib import config
+from course_lib import config, evalcache
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
 from course_lib.models import hub
@@ -113,16 +114,28 @@ class Zoo:
         *,
         limit: int | None = None,
     ) -> dict[str, float]:
-        """Accuracy (%) of one image-encoder state on each task, with that task's head."""
-        if self._encoder is None:
-            self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
-        enc = self._encoder
-        enc.load_state_dict(dict(state or self.pretrained), strict=True)
-        out = {}
-        for t in tasks or self.task_names:
-            clf = ZeroShotClassifier(enc, self.heads[t], self.logit_scale)
-            out[t] = accuracy(clf, self.tasks[t], split, device=config.device(), limit=limit)
-        return out
+        """Accuracy (%) of one image-encoder state on each task, with that task's head.
+
+        Accuracies are remembered in the cache (:mod:`course_lib.evalcache`): the same weights
+        on the same data are evaluated once."""
+        state = state or self.pretrained
+        memo = evalcache.Memo(self.world, state, split, limit)
+        loaded = False
+
+        def compute(task: str) -> float:
+            nonlocal loaded
+            if self._encoder is None:
+                self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
+            if not loaded:
+                self._encoder.load_state_dict(dict(state), strict=True)
+                loaded = True
+            clf = ZeroShotClassifier(self._encoder, self.heads[task], self.logit_scale)
+            return accuracy(clf, self.tasks[task], split, device=config.device(), limit=limit)
+
+        salt = {t: evalcache.tensor_salt(h, self.logit_scale) for t, h in self.heads.items()}
+        return {
+            t: memo(t, functools.partial(compute, t), salt[t]) for t in tasks or self.task_names
+        }
 
 
 # ----------------------------------------------------------------------------- cache plumbing
