@@ -13,7 +13,8 @@ Costs, per method, to serve *every* task of a track:
   LLM). A merged model is 1; eight full experts are 8; LoRA experts are the base plus their
   A/B factors; Twin-Merging is the shared expert plus its compressed twin vectors and router.
 * ``seconds``: wall time of that row in the run that produced it (merging, the lambda search
-  on val, the router's training, the test evaluation), on the machine that ran it.
+  on val, the router's training, the test evaluation), on the machine that ran it; evaluations
+  read from the evaluation cache count at the time they took when computed.
 """
 
 from __future__ import annotations
@@ -340,7 +341,8 @@ def leaderboard_markdown(records: Sequence[TrackResult]) -> str:
         "LLM: exact match). normalized: average of score / expert score. stored: parameters "
         "kept to serve every task, in units of one model. time: wall time of the row "
         "(merge, lambda search on val, router training, test evaluation) in the run that "
-        "produced it. rank: merges only, by normalized mean.",
+        "produced it, evaluations read from the cache at the time they took when computed. "
+        "rank: merges only, by normalized mean.",
     ]
     for r in records:
         lines += [
