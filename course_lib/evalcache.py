@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from course_lib import config
+from course_lib.leaderboard import source_digest
 
 MODES = ("on", "off", "refresh")
 _override: str | None = None
@@ -91,11 +92,8 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
 
 @functools.cache
 def _code() -> str:
-    import torch as _torch
-
-    from course_lib.leaderboard import source_digest
-
-    return f"{source_digest()}:torch {_torch.__version__}:{config.device().type}"
+    """What computes: the numeric source digest, torch's version and the device (once a process)."""
+    return f"{source_digest()}:torch {torch.__version__}:{config.device().type}"
 
 
 class Memo:
