@@ -106,9 +106,9 @@ def _report(text: str, name: str, start: float) -> int:
 
     if evalcache.hits():
         print(
-            f"{evalcache.hits()} accuracies were read from {evalcache.root()} (same weights, data "
-            f"and code: {evalcache.seconds_saved():.0f} s of evaluation when they were computed; "
-            "COURSE_EVAL_CACHE=off evaluates everything again)"
+            f"{evalcache.hits()} results (accuracies, answers, router features) were read from "
+            f"{evalcache.root()} (same weights, data and code; computing them took "
+            f"{evalcache.seconds_saved():.0f} s; COURSE_EVAL_CACHE=off computes them again)"
         )
     return 0
 

@@ -1,25 +1,28 @@
-"""Remember accuracies: evaluating a model is a pure function of its weights, data and code.
+"""Remember what evaluating a model computes: a pure function of its weights, data and code.
 
 Every lambda search, notebook and leaderboard evaluates merged models, and merges are
 deterministic, so the same weights come back again and again: notebook 03 evaluates the task
 arithmetic curve of notebook 01 once more, the capstone the merges of notebook 06, a second run of
-a notebook all of its own. :class:`Memo` stores each task's accuracy in ``<cache>/evals/`` under a
-key made of everything the number depends on:
+a notebook all of its own. :func:`remember` stores a computed value in ``<cache>/evals/`` under a
+key made of everything it depends on:
 
 - the zoo's ``world`` (data, theta_0, experts, LoRA recipe: ``Zoo.world``, ``LLMZoo.world``),
-- the task, its head (vision), the split and the number of examples,
-- a digest of the evaluated weights' bytes (names, dtypes, shapes, values),
+- what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
+  split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
+  shapes, values); for the LLM's router features the prompts; for Twin's answers the merged
+  weights and the prompts,
 - the digest of the course's numeric source code, torch's version and the device.
 
-Change any of them and the key changes, so a stale number is never served: at worst, work is done
-again. A zoo without a ``world`` (made by hand) is never cached.
+Change any of them and the key changes, so a stale value is never served: at worst, work is done
+again. A zoo without a ``world`` (made by hand) is never cached. Three kinds of value are stored:
+``accuracy`` (a number, JSON), ``answers`` (a list of strings, JSON) and ``tensor`` (safetensors).
 
-The time an evaluation took is stored with it. :func:`seconds_saved` adds up the time of the
-evaluations served from the cache, so a method's measured cost (``experiments.stopwatch``) can
-count them as the time they took when they ran.
+The time a value took to compute is stored with it. :func:`seconds_saved` adds up the time of the
+values served from the cache, so a method's measured cost (``experiments.stopwatch``) can count
+them as the time they took when they ran.
 
 ``COURSE_EVAL_CACHE=off`` (or ``with evalcache.using("off")``) switches it off; ``refresh``
-evaluates everything again and overwrites the stored numbers.
+computes everything again and overwrites the stored values.
 """
 
 from __future__ import annotations
@@ -29,16 +32,22 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from course_lib import config
+from course_lib.files import atomic_path
 from course_lib.leaderboard import source_digest
+
+V = TypeVar("V")
 
 MODES = ("on", "off", "refresh")
 _override: str | None = None
@@ -71,12 +80,12 @@ def root() -> Path:
 
 
 def seconds_saved() -> float:
-    """Seconds the evaluations served from the cache took when they were computed (this process)."""
+    """Seconds the values served from the cache took when they were computed (this process)."""
     return _saved["seconds"]
 
 
 def hits() -> int:
-    """Number of accuracies served from the cache in this process."""
+    """Number of values (accuracies, answers, features) served from the cache in this process."""
     return _saved["hits"]
 
 
@@ -86,7 +95,7 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return h.hexdigest()
 
 
@@ -96,63 +105,128 @@ def _code() -> str:
     return f"{source_digest()}:torch {torch.__version__}:{config.device().type}"
 
 
+# ----------------------------------------------------------------------------- kinds of value
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _strings(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("not a list of strings")
+    return value
+
+
+def _dump_json(check: Callable[[object], object]) -> Callable[[Path, object, float], None]:
+    def dump(path: Path, value: object, seconds: float) -> None:
+        path.write_text(json.dumps({"value": check(value), "seconds": seconds}))
+
+    return dump
+
+
+def _load_json(check: Callable[[object], object]) -> Callable[[Path], tuple[object, float]]:
+    def load(path: Path) -> tuple[object, float]:
+        stored = json.loads(path.read_text())
+        return check(stored["value"]), _number(stored["seconds"])
+
+    return load
+
+
+def _dump_tensor(path: Path, value: Tensor, seconds: float) -> None:
+    save_file({"value": value.contiguous()}, str(path), metadata={"seconds": repr(seconds)})
+
+
+def _load_tensor(path: Path) -> tuple[Tensor, float]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("value"), float(f.metadata()["seconds"])
+
+
+@dataclass(frozen=True)
+class Kind:
+    suffix: str
+    dump: Callable[[Path, Any, float], None]
+    load: Callable[[Path], tuple[Any, float]]  # raises on a missing or damaged entry
+
+
+KINDS = {
+    "accuracy": Kind(".json", _dump_json(_number), _load_json(_number)),
+    "answers": Kind(".json", _dump_json(_strings), _load_json(_strings)),
+    "tensor": Kind(".safetensors", _dump_tensor, _load_tensor),
+}
+_DAMAGED = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+
+
+def entry(world: str, parts: Sequence[object], kind: str = "accuracy") -> Path:
+    """Where the value of ``kind`` for ``parts`` (with the code that computes it) is stored."""
+    text = "|".join([world, kind, *map(str, parts), _code()])
+    key = hashlib.sha256(text.encode()).hexdigest()
+    return root() / key[:2] / f"{key}{KINDS[kind].suffix}"
+
+
+def active(world: str) -> bool:
+    """Whether values of ``world`` are read and stored (the cache is on and the world known)."""
+    return bool(world) and mode() != "off"
+
+
+def remember(
+    world: str, parts: Sequence[object], compute: Callable[[], V], kind: str = "accuracy"
+) -> V:
+    """``compute()``, or the value stored for the same ``world``, ``parts`` and code.
+
+    ``parts`` must name every input of ``compute`` that ``world`` does not (weights digests,
+    task, split, prompts...). With no ``world`` or with the cache off, ``compute()`` just runs.
+    """
+    if not active(world):
+        return compute()
+    path, codec = entry(world, parts, kind), KINDS[kind]
+    if mode() == "on":
+        try:
+            value, seconds = codec.load(path)
+        except _DAMAGED:  # missing or damaged: computed again and rewritten
+            pass
+        else:
+            _saved["hits"] += 1
+            _saved["seconds"] += seconds
+            return value
+    t0 = time.perf_counter()
+    value = compute()
+    # a read-only or full disk costs speed, never a result
+    with contextlib.suppress(OSError), atomic_path(path) as tmp:
+        codec.dump(tmp, value, time.perf_counter() - t0)
+    return value
+
+
+# ----------------------------------------------------------------------------- accuracies
+
+
 class Memo:
     """The cached accuracies of one state on one split: ``memo(task, compute) -> float``.
 
-    ``compute()`` runs only when the accuracy is not stored (or the mode is ``refresh``).
+    ``compute()`` runs only when the accuracy is not stored (or the mode is ``refresh``). The
+    state is digested once, and only when the cache is on and the zoo has a world.
     """
 
     def __init__(self, world: str, state: Mapping[str, Tensor], split: str, limit: int | None):
-        self.active = mode() != "off" and bool(world)
-        self.prefix = (
-            f"{world}|{split}|{limit}|{state_digest(state)}|{_code()}" if self.active else ""
-        )
+        self.world = world if active(world) else ""
+        self.parts = (split, limit, state_digest(state)) if self.world else ()
 
     def path(self, task: str, salt: str = "") -> Path:
-        key = hashlib.sha256(f"{self.prefix}|{task}|{salt}".encode()).hexdigest()
-        return root() / key[:2] / f"{key}.json"
+        return entry(self.world, [*self.parts, task, salt])
 
-    def __call__(self, task: str, compute: Callable[[], float], salt: str = "") -> float:
-        if not self.active:
+    def __call__(
+        self, task: str, compute: Callable[[], float], salt: str | Callable[[], str] = ""
+    ) -> float:
+        """``salt`` (or a function computing it, called only when the cache is used) names what
+        else the accuracy depends on, e.g. the task's zero-shot head."""
+        if not self.world:
             return compute()
-        path = self.path(task, salt)
-        if mode() == "on":
-            stored = _read(path)
-            if stored is not None:
-                _saved["hits"] += 1
-                _saved["seconds"] += stored["seconds"]
-                return stored["accuracy"]
-        t0 = time.perf_counter()
-        value = compute()
-        _write(path, {"accuracy": value, "seconds": time.perf_counter() - t0, "task": task})
-        return value
+        salt = salt() if callable(salt) else salt
+        return remember(self.world, [*self.parts, task, salt], compute)
 
 
 def tensor_salt(t: Tensor, *extra: object) -> str:
     """A short digest of one tensor (e.g. a zero-shot head) and a few values, for ``salt``."""
     return state_digest({"t": t}) + "".join(f"|{e}" for e in extra)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        stored = json.loads(path.read_text())
-        accuracy, seconds = stored["accuracy"], stored["seconds"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # missing or damaged: computed again and rewritten
-    if not isinstance(accuracy, (int, float)) or not isinstance(seconds, (int, float)):
-        return None
-    return {"accuracy": float(accuracy), "seconds": float(seconds)}
-
-
-def _write(path: Path, record: dict) -> None:
-    """Write atomically: a crash, or two processes at once, never leave half a file."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except OSError:  # a read-only or full disk costs speed, never a result
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from course_lib import config
 from course_lib.eval import markdown, normalized, results_table
+from course_lib.files import write_json
 from course_lib.published import TWIN_VIT_B32_RERUNS, VIT_B32_SOURCE, vit_b32_table
 
 TRACKS = ("vision", "llm")
@@ -36,7 +35,7 @@ REFERENCES = {"zero-shot", "base model", "experts", "LoRA experts"}  # not merge
 PACKAGE = Path(__file__).resolve().parent
 # Modules that draw, check exercises, export configs or parse the command line: they cannot
 # change a number, so editing them does not invalidate saved results.
-NOT_NUMERIC = ("__main__.py", "checks.py", "export.py", "runtime.py", "viz.py")
+NOT_NUMERIC = ("__main__.py", "checks.py", "export.py", "files.py", "runtime.py", "viz.py")
 
 
 @dataclass
@@ -166,13 +165,7 @@ def llm_record(res, zoo) -> TrackResult:
 
 def save(record: TrackResult, path: Path | None = None) -> Path:
     """Write the record as JSON, atomically (a crash never leaves half a file)."""
-    path = path or results_path(record.track, record.profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_json(path or results_path(record.track, record.profile), asdict(record), 1)
 
 
 def load(path: Path, expected: str | None = None) -> TrackResult | None:

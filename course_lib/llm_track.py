@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,6 +65,7 @@ class LLMZoo:
     info: dict = field(default_factory=dict)
     world: str = ""  # the base model, LoRA recipe and task sizes (``llm.world``)
     frozen: llm.FrozenLayers | None = field(init=False, repr=False)
+    merged: bool = field(default=False, init=False, repr=False)  # a state is written in the model
 
     def __post_init__(self):
         # the merges change the adapted layers only: below the lowest one, every merged model
@@ -97,8 +99,10 @@ class LLMZoo:
                             f"{k!r}: shape {tuple(v.shape)}, model has {tuple(params[k].shape)}"
                         )
                     params[k].copy_(v)
+            self.merged = bool(state)
             yield self.model
         finally:
+            self.merged = False
             with torch.no_grad():
                 for k in state or {}:
                     params[k].copy_(self.pretrained[k])
@@ -195,8 +199,19 @@ def pooled_features(zoo: LLMZoo, task: str, split: str, limit: int | None = None
     return _pooled(zoo, llm.chat_prompts(zoo.tok, t, t.examples(split)[:limit]))
 
 
-@torch.no_grad()
 def _pooled(zoo: LLMZoo, prompts: Sequence[str], batch_size: int = 64) -> Tensor:
+    """The base model's mean-pooled last hidden states of ``prompts``, [N, hidden] (remembered
+    in the cache, :mod:`course_lib.evalcache`: the same prompts are run once)."""
+    if zoo.merged:
+        raise ValueError("router features come from the base model: call outside zoo.using(...)")
+    text = hashlib.sha256("\0".join(prompts).encode()).hexdigest()
+    parts = ["pooled last hidden state", batch_size, len(prompts), text]
+    compute = functools.partial(_pooled_batches, zoo, prompts, batch_size)
+    return evalcache.remember(zoo.world, parts, compute, kind="tensor")
+
+
+@torch.no_grad()
+def _pooled_batches(zoo: LLMZoo, prompts: Sequence[str], batch_size: int) -> Tensor:
     out = []
     for start in range(0, len(prompts), batch_size):
         enc = zoo.tok(
@@ -295,7 +310,9 @@ def stream_features(zoo: LLMZoo, stream: Sequence[StreamItem]) -> Tensor:
 
 
 def _generate_items(zoo: LLMZoo, state, items: Sequence[StreamItem]) -> list[str]:
-    """Greedy answers for ``items`` under one state (prompted per task, in item order)."""
+    """Greedy answers for ``items`` under one state (prompted per task, in item order; remembered
+    in the cache: the same weights answer the same prompts once)."""
+    weights = evalcache.state_digest(state or zoo.pretrained) if evalcache.active(zoo.world) else ""
     preds: list[str | None] = [None] * len(items)
     with zoo.using(state) as m:
         for t in zoo.task_names:
@@ -303,13 +320,13 @@ def _generate_items(zoo: LLMZoo, state, items: Sequence[StreamItem]) -> list[str
             if not idx:
                 continue
             prompts = llm.chat_prompts(zoo.tok, zoo.tasks[t], [items[i].example for i in idx])
-            out = llm.generate(
-                m,
-                zoo.tok,
-                prompts,
-                max_new_tokens=llm.max_new_tokens_for(zoo.tok, zoo.tasks[t]),
-                frozen=zoo.frozen,
+            new_tokens = llm.max_new_tokens_for(zoo.tok, zoo.tasks[t])
+            text = hashlib.sha256("\0".join(prompts).encode()).hexdigest()
+            generate = functools.partial(
+                llm.generate, m, zoo.tok, prompts, max_new_tokens=new_tokens, frozen=zoo.frozen
             )
+            parts = ["greedy answers", weights, new_tokens, len(prompts), text]
+            out = evalcache.remember(zoo.world, parts, generate, kind="answers")
             for i, p in zip(idx, out, strict=True):
                 preds[i] = p
     return preds  # type: ignore[return-value]

@@ -59,7 +59,7 @@ def test_the_second_evaluation_is_served_and_counts_its_time(cache):
     assert (compute.calls, again.calls) == (1, 0)
     assert evalcache.hits() == hits + 1 and evalcache.seconds_saved() >= saved
     [entry] = cache.rglob("*.json")
-    assert json.loads(entry.read_text())["task"] == "digits"
+    assert json.loads(entry.read_text())["value"] == 87.5
 
 
 @pytest.mark.parametrize(
@@ -111,11 +111,11 @@ def test_a_damaged_entry_is_evaluated_again_and_rewritten(cache):
     memo = evalcache.Memo("world", state(), "val", 500)
     memo("digits", Compute())
     [entry] = cache.rglob("*.json")
-    for damage in ("{not json", json.dumps({"accuracy": "87.5", "seconds": 1.0}), "{}"):
+    for damage in ("{not json", json.dumps({"value": "87.5", "seconds": 1.0}), "{}"):
         entry.write_text(damage)
         compute = Compute(value=50.0)
         assert memo("digits", compute) == 50.0 and compute.calls == 1
-    assert json.loads(entry.read_text())["accuracy"] == 50.0
+    assert json.loads(entry.read_text())["value"] == 50.0
 
 
 def test_a_bad_mode_in_the_environment_is_a_clear_error(monkeypatch):
@@ -130,8 +130,54 @@ def test_a_bad_mode_in_the_environment_is_a_clear_error(monkeypatch):
 def test_stopwatch_counts_served_evaluations_at_their_measured_time(cache):
     path = evalcache.Memo("world", state(), "val", 500).path("digits")
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"accuracy": 90.0, "seconds": 42.0, "task": "digits"}))
+    path.write_text(json.dumps({"value": 90.0, "seconds": 42.0}))
     seconds = {}
     with stopwatch(seconds, "TA"):
         assert evalcache.Memo("world", state(), "val", 500)("digits", Compute()) == 90.0
     assert 42.0 <= seconds["TA"] < 43.0
+
+
+def test_the_head_is_digested_only_when_the_cache_is_used(cache):
+    salts = []
+
+    def salt() -> str:
+        salts.append(1)
+        return "head"
+
+    with evalcache.using("off"):
+        evalcache.Memo("world", state(), "val", 500)("digits", Compute(), salt)
+    evalcache.Memo("", state(), "val", 500)("digits", Compute(), salt)
+    assert salts == []
+    evalcache.Memo("world", state(), "val", 500)("digits", Compute(), salt)
+    assert salts == [1]
+
+
+def test_answers_and_tensors_are_remembered_by_kind(cache):
+    answers = Compute(value=["16", "blue"])
+    assert evalcache.remember("world", ["w", "prompts"], answers, kind="answers") == ["16", "blue"]
+    assert evalcache.remember("world", ["w", "prompts"], answers, kind="answers") == ["16", "blue"]
+    features = Compute(value=torch.arange(6.0).reshape(2, 3))
+    first = evalcache.remember("world", ["w", "prompts"], features, kind="tensor")
+    again = evalcache.remember("world", ["w", "prompts"], features, kind="tensor")
+    assert torch.equal(first, again) and again.dtype == torch.float32
+    assert (answers.calls, features.calls) == (1, 1)  # same parts, another kind: its own entry
+    other = Compute(value=["17", "blue"])
+    assert evalcache.remember("world", ["w", "other prompts"], other, kind="answers")[0] == "17"
+    assert other.calls == 1
+
+
+def test_damaged_answers_and_tensors_are_computed_again(cache):
+    evalcache.remember("world", ["p"], Compute(value=["a"]), kind="answers")
+    evalcache.remember("world", ["p"], Compute(value=torch.ones(2)), kind="tensor")
+    [answers] = cache.rglob("*.json")
+    [tensor] = cache.rglob("*.safetensors")
+    answers.write_text(json.dumps({"value": [1, 2], "seconds": 1.0}))  # not strings
+    tensor.write_bytes(tensor.read_bytes()[:20])  # truncated
+    fresh = Compute(value=["b"])
+    assert evalcache.remember("world", ["p"], fresh, kind="answers") == ["b"] and fresh.calls == 1
+    zeros = Compute(value=torch.zeros(2))
+    assert torch.equal(evalcache.remember("world", ["p"], zeros, kind="tensor"), torch.zeros(2))
+    assert zeros.calls == 1
+    again = Compute(value=torch.ones(2))  # the rewritten entry is whole again
+    assert torch.equal(evalcache.remember("world", ["p"], again, kind="tensor"), torch.zeros(2))
+    assert again.calls == 0

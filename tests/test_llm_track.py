@@ -233,6 +233,43 @@ def test_zoo_remembers_accuracies_of_the_same_weights(tiny_zoo, tmp_path, monkey
         assert len(decoded) == 6
 
 
+def test_twin_remembers_router_features_and_answers(tiny_zoo, tmp_path, monkeypatch):
+    from course_lib import config, evalcache
+    from course_lib import llm_track as track
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tiny_zoo, "world", "tiny llm world")
+    calls = {"features": 0, "answers": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(track, "_pooled_batches", counting("features", track._pooled_batches))
+    monkeypatch.setattr(llm, "generate", counting("answers", llm.generate))
+    stream = mixed_stream(tiny_zoo, "test")
+
+    def run():
+        twin = build_twin(tiny_zoo, rank_ratio=1.0, epochs=50, progress=False)
+        return twin_stream(tiny_zoo, twin, stream, mode="input", progress=False)
+
+    with evalcache.using("on"):
+        first = run()
+        computed = dict(calls)
+        # train and val prompts per task; the stream's (here the val questions again) are served
+        assert computed == {"features": 4, "answers": 4}  # one merged model per stream item
+        again = run()
+        assert calls == computed  # served: no forward pass, no decoding
+        assert (again.accuracy, again.confidence) == (first.accuracy, first.confidence)
+        track.twin_stream(tiny_zoo, build_twin(tiny_zoo, rank_ratio=0.5, progress=False), stream)
+        assert calls["answers"] > computed["answers"]  # other merged weights: decoded again
+    with tiny_zoo.using(tiny_zoo.experts["colour"]), pytest.raises(ValueError, match="base model"):
+        track.stream_features(tiny_zoo, stream)  # a merged state is in the model
+
+
 def test_zoo_of_non_layer_weights_is_a_clear_error(tiny_zoo):
     z = tiny_zoo
     head = {"lm_head.weight": z.model.lm_head.weight.detach().clone()}

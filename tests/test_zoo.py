@@ -11,9 +11,10 @@ import dataclasses
 import pytest
 import torch
 
+from course_lib.files import atomic_path
 from course_lib.models import zoo as zoo_mod
 from course_lib.models.vision import MiniClipConfig
-from course_lib.models.zoo import ZooConfig, atomic_path, build_zoo, load_zoo, verify_zoo
+from course_lib.models.zoo import ZooConfig, build_zoo, load_zoo, verify_zoo
 from course_lib.train import FinetuneConfig
 
 TINY = ZooConfig(

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from course_lib import config
+from course_lib.files import atomic_path, sha256
 from course_lib.models.lora import end_of_turn_id, top_layers_only
-from course_lib.models.zoo import Manifest, atomic_path, sha256
+from course_lib.models.zoo import Manifest
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_REVISION = "main"  # no commit hash could be verified offline; pin one when online

@@ -18,15 +18,12 @@ The cache is safe to interrupt and to share:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from transformers import CLIPModel, CLIPVisionConfig
 from course_lib import config, evalcache
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
+from course_lib.files import atomic_path, sha256
 from course_lib.models import hub
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
 from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
@@ -120,52 +118,29 @@ class Zoo:
         on the same data are evaluated once."""
         state = state or self.pretrained
         memo = evalcache.Memo(self.world, state, split, limit)
-        loaded = False
+        encoder = functools.cache(lambda: self._load_encoder(state))  # built once, if needed
 
         def compute(task: str) -> float:
-            nonlocal loaded
-            if self._encoder is None:
-                self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
-            if not loaded:
-                self._encoder.load_state_dict(dict(state), strict=True)
-                loaded = True
-            clf = ZeroShotClassifier(self._encoder, self.heads[task], self.logit_scale)
+            clf = ZeroShotClassifier(encoder(), self.heads[task], self.logit_scale)
             return accuracy(clf, self.tasks[task], split, device=config.device(), limit=limit)
 
-        salt = {t: evalcache.tensor_salt(h, self.logit_scale) for t, h in self.heads.items()}
+        def head(task: str) -> str:
+            return evalcache.tensor_salt(self.heads[task], self.logit_scale)
+
+        tasks = tasks or self.task_names
         return {
-            t: memo(t, functools.partial(compute, t), salt[t]) for t in tasks or self.task_names
+            t: memo(t, functools.partial(compute, t), functools.partial(head, t)) for t in tasks
         }
+
+    def _load_encoder(self, state: Mapping[str, Tensor]) -> torch.nn.Module:
+        """The zoo's image encoder (built on first use) with ``state`` loaded into it."""
+        if self._encoder is None:
+            self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
+        self._encoder.load_state_dict(dict(state), strict=True)
+        return self._encoder
 
 
 # ----------------------------------------------------------------------------- cache plumbing
-
-
-def sha256(path: Path) -> str:
-    """sha256 of a file, or of every file below a directory (sorted by relative path)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
-    try:
-        yield tmp
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 class Manifest:
