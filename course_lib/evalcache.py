@@ -10,12 +10,13 @@ key made of everything it depends on:
 - what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
   split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
   shapes, values); for the LLM's router features the prompts; for Twin's answers the merged
-  weights and the prompts,
+  weights and the prompts; for Twin's compressed vectors the vectors and the rank ratio,
 - the digest of the course's numeric source code, torch's version and the device.
 
 Change any of them and the key changes, so a stale value is never served: at worst, work is done
-again. A zoo without a ``world`` (made by hand) is never cached. Three kinds of value are stored:
-``accuracy`` (a number, JSON), ``answers`` (a list of strings, JSON) and ``tensor`` (safetensors).
+again. A zoo without a ``world`` (made by hand) is never cached. Four kinds of value are stored:
+``accuracy`` (a number, JSON), ``answers`` (a list of strings, JSON), ``tensor`` and ``tensors``
+(a dict of tensors; both safetensors).
 
 The time a value took to compute is stored with it. :func:`seconds_saved` adds up the time of the
 values served from the cache, so a method's measured cost (``experiments.stopwatch``) can count
@@ -136,12 +137,22 @@ def _load_json(check: Callable[[object], object]) -> Callable[[Path], tuple[obje
 
 
 def _dump_tensor(path: Path, value: Tensor, seconds: float) -> None:
-    save_file({"value": value.contiguous()}, str(path), metadata={"seconds": repr(seconds)})
+    _dump_tensors(path, {"value": value}, seconds)
 
 
 def _load_tensor(path: Path) -> tuple[Tensor, float]:
+    tensors, seconds = _load_tensors(path)
+    return tensors["value"], seconds
+
+
+def _dump_tensors(path: Path, value: Mapping[str, Tensor], seconds: float) -> None:
+    tensors = {k: v.contiguous() for k, v in value.items()}
+    save_file(tensors, str(path), metadata={"seconds": repr(seconds)})
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, Tensor], float]:
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("value"), float(f.metadata()["seconds"])
+        return {k: f.get_tensor(k) for k in f.keys()}, float(f.metadata()["seconds"])  # noqa: SIM118
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,7 @@ KINDS = {
     "accuracy": Kind(".json", _dump_json(_number), _load_json(_number)),
     "answers": Kind(".json", _dump_json(_strings), _load_json(_strings)),
     "tensor": Kind(".safetensors", _dump_tensor, _load_tensor),
+    "tensors": Kind(".safetensors", _dump_tensors, _load_tensors),
 }
 _DAMAGED = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 

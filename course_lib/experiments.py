@@ -38,6 +38,7 @@ from course_lib.merging import (
     twin_vectors,
     weight_average,
 )
+from course_lib.merging.twin import compressed_tensors
 from course_lib.models import hub
 from course_lib.models.zoo import Zoo
 from course_lib.state import TaskVector, task_vector
@@ -218,28 +219,42 @@ def twin_accuracy(
     pooled: bool = True,
 ) -> TwinResult:
     """Each input of each task merged with the router's weights for *that* input (the router
-    reads :func:`features` of theta_0, ``pooled`` as it was trained)."""
+    reads :func:`features` of theta_0, ``pooled`` as it was trained).
+
+    Each task's counts are remembered in the cache (:mod:`course_lib.evalcache`), keyed by the
+    shared expert, the compressed vectors, the router's weights, the task's head and the split."""
     names = zoo.task_names
     stacked = stacked_vectors(shared, compressed)
     enc = vmappable_encoder(zoo)
+    digests = []
+    if evalcache.active(zoo.world):
+        parts = (shared, compressed_tensors(compressed), router.state_dict())
+        digests = [split, limit, batch_size, pooled, *map(evalcache.state_digest, parts)]
     accs, confusion, hits, total = {}, torch.zeros(len(names), len(names)), 0, 0
     for i, t in enumerate(
         progress_bar(names, desc="twin per-input", progress=progress, leave=False)
     ):
-        w_all = router.weights(features(zoo, zoo.pretrained, t, split, limit, pooled=pooled))
-        correct, start = 0, 0
-        for px, lab in zoo.tasks[t].batches(split, batch_size, limit=limit):
-            w = w_all[start : start + len(lab)]
-            start += len(lab)
-            with torch.no_grad():
-                logits = per_input_logits(
-                    enc, shared, stacked, w, px, zoo.heads[t], zoo.logit_scale
-                )
-            correct += int((logits.argmax(-1) == lab).sum())
-        accs[t] = 100.0 * correct / start
-        picked = w_all.argmax(-1)
-        confusion[i] += torch.bincount(picked, minlength=len(names)).float()
-        hits, total = hits + int((picked == i).sum()), total + len(picked)
+
+        def counts(t: str = t) -> Tensor:
+            """[inputs right, inputs, inputs routed to each task]"""
+            w_all = router.weights(features(zoo, zoo.pretrained, t, split, limit, pooled=pooled))
+            correct, start = 0, 0
+            for px, lab in zoo.tasks[t].batches(split, batch_size, limit=limit):
+                w = w_all[start : start + len(lab)]
+                start += len(lab)
+                with torch.no_grad():
+                    logits = per_input_logits(
+                        enc, shared, stacked, w, px, zoo.heads[t], zoo.logit_scale
+                    )
+                correct += int((logits.argmax(-1) == lab).sum())
+            picked = torch.bincount(w_all.argmax(-1), minlength=len(names))
+            return torch.tensor([correct, start, *picked.tolist()])
+
+        head = evalcache.tensor_salt(zoo.heads[t], zoo.logit_scale) if digests else ""
+        c = evalcache.remember(zoo.world, ["twin per-input", *digests, t, head], counts, "tensor")
+        accs[t] = 100.0 * int(c[0]) / int(c[1])
+        confusion[i] += c[2:].float()
+        hits, total = hits + int(c[2 + i]), total + int(c[1])
     return TwinResult(accs, 100.0 * hits / total, compression_of(compressed), rank_ratio, confusion)
 
 

@@ -31,7 +31,12 @@ from course_lib.config import progress_bar
 from course_lib.data.text import TextExample, TextTask, exact_match, load_text_tasks
 from course_lib.merging import compress, merge_with_weights, shared_expert, train_router
 from course_lib.merging import twin_vectors as make_twin_vectors
-from course_lib.merging.twin import CompressedVector, Router
+from course_lib.merging.twin import (
+    CompressedVector,
+    Router,
+    compressed_from_tensors,
+    compressed_tensors,
+)
 from course_lib.models import llm
 from course_lib.models.lora import (
     LoraExpert,
@@ -263,7 +268,7 @@ def build_twin(
     config.seed_everything()
     shared = shared_expert(zoo.pretrained, zoo.finetuned(), scaling=shared_scaling)
     vectors = make_twin_vectors(shared, zoo.finetuned())
-    compressed = compress(vectors, rank_ratio=rank_ratio)
+    compressed = _compress(zoo, vectors, rank_ratio)
     x, y = router_data(zoo, "train", router_limit)
     vx, vy = router_data(zoo, "val")
     router = Router(x.shape[1], len(zoo.task_names))
@@ -271,6 +276,19 @@ def build_twin(
     acc = 100.0 * hist.val_accuracy[hist.best_epoch]
     ratio = sum(c.stored_params for c in compressed) / sum(c.dense_params for c in compressed)
     return LLMTwin(shared, compressed, router, acc, ratio)
+
+
+def _compress(zoo: LLMZoo, vectors: Sequence[StateDict], rank_ratio: float):
+    """``compress(vectors, rank_ratio=...)``, remembered in the cache (the SVDs of SmolLM2's 70
+    adapted matrices per task take ~12 s on two cores; the same vectors are compressed once)."""
+    if not evalcache.active(zoo.world):
+        return compress(vectors, rank_ratio=rank_ratio)
+    parts = ["svd compress", rank_ratio, *map(evalcache.state_digest, vectors)]
+
+    def flat() -> dict[str, Tensor]:
+        return compressed_tensors(compress(vectors, rank_ratio=rank_ratio))
+
+    return compressed_from_tensors(evalcache.remember(zoo.world, parts, flat, kind="tensors"))
 
 
 @dataclass

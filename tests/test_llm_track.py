@@ -14,6 +14,7 @@ from course_lib.llm_track import (
     twin_stream,
 )
 from course_lib.merging import task_arithmetic, ties_merging
+from course_lib.merging.twin import LowRank
 from course_lib.models import llm
 from course_lib.models.lora import (
     LoraExpert,
@@ -239,7 +240,7 @@ def test_twin_remembers_router_features_and_answers(tiny_zoo, tmp_path, monkeypa
 
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(tiny_zoo, "world", "tiny llm world")
-    calls = {"features": 0, "answers": 0}
+    calls = {"features": 0, "answers": 0, "svd": 0}
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -250,22 +251,27 @@ def test_twin_remembers_router_features_and_answers(tiny_zoo, tmp_path, monkeypa
 
     monkeypatch.setattr(track, "_pooled_batches", counting("features", track._pooled_batches))
     monkeypatch.setattr(llm, "generate", counting("answers", llm.generate))
+    monkeypatch.setattr(track, "compress", counting("svd", track.compress))
     stream = mixed_stream(tiny_zoo, "test")
 
     def run():
-        twin = build_twin(tiny_zoo, rank_ratio=1.0, epochs=50, progress=False)
-        return twin_stream(tiny_zoo, twin, stream, mode="input", progress=False)
+        twin = build_twin(tiny_zoo, rank_ratio=0.5, epochs=50, progress=False)
+        return twin, twin_stream(tiny_zoo, twin, stream, mode="input", progress=False)
 
     with evalcache.using("on"):
-        first = run()
+        twin, first = run()
         computed = dict(calls)
         # train and val prompts per task; the stream's (here the val questions again) are served
-        assert computed == {"features": 4, "answers": 4}  # one merged model per stream item
-        again = run()
-        assert calls == computed  # served: no forward pass, no decoding
+        assert computed == {"features": 4, "answers": 4, "svd": 1}  # a merge per stream item
+        served, again = run()
+        assert calls == computed  # served: no forward pass, no SVD, no decoding
         assert (again.accuracy, again.confidence) == (first.accuracy, first.confidence)
-        track.twin_stream(tiny_zoo, build_twin(tiny_zoo, rank_ratio=0.5, progress=False), stream)
-        assert calls["answers"] > computed["answers"]  # other merged weights: decoded again
+        for a, b in zip(twin.compressed, served.compressed, strict=True):
+            assert list(a.parts) == list(b.parts) and a.stored_params == b.stored_params
+            assert any(isinstance(p, LowRank) for p in b.parts.values())
+            assert all(torch.equal(a[k], b[k]) for k in a.parts)
+        track.twin_stream(tiny_zoo, build_twin(tiny_zoo, rank_ratio=1.0, progress=False), stream)
+        assert calls["svd"] == 2 and calls["answers"] > computed["answers"]  # other weights
     with tiny_zoo.using(tiny_zoo.experts["colour"]), pytest.raises(ValueError, match="base model"):
         track.stream_features(tiny_zoo, stream)  # a merged state is in the model
 

@@ -18,7 +18,13 @@ from course_lib.merging import (
     twin_vectors,
     weight_average,
 )
-from course_lib.merging.twin import low_rank, svd_rank
+from course_lib.merging.twin import (
+    LowRank,
+    compressed_from_tensors,
+    compressed_tensors,
+    low_rank,
+    svd_rank,
+)
 
 
 def test_shared_expert_defaults_to_task_arithmetic_0_3(models):
@@ -155,3 +161,25 @@ def test_router_selection_by_val_loss_keeps_a_more_confident_epoch():
     assert conf["loss"][1] > conf["accuracy"][1]  # ... whose weights are surer
     with pytest.raises(ValueError, match="select"):
         train_router(Router(4, 2), x, y, select="f1", progress=False)
+
+
+def test_compressed_vectors_round_trip_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    big = {"a.weight": (40, 30), "a.bias": (40,), "b.weight": (30, 40)}
+    pre, fts = random_models(shapes=big)
+    compressed = compress(twin_vectors(shared_expert(pre, fts), fts), rank_ratio=0.1)
+    save_file(compressed_tensors(compressed), tmp_path / "twin.safetensors")
+    back = compressed_from_tensors(load_file(tmp_path / "twin.safetensors"))  # keys come sorted
+    assert len(back) == len(compressed)
+    for a, b in zip(compressed, back, strict=True):
+        assert list(a.parts) == list(b.parts) == list(big)  # the vectors' key order comes back
+        assert isinstance(b.parts["a.weight"], LowRank) and not isinstance(
+            b.parts["a.bias"], LowRank
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a.parts)
+        assert b.stored_params == a.stored_params
+    flat = compressed_tensors(compressed)
+    flat["0:0:a.weight:middle"] = flat.pop("0:0:a.weight:left")
+    with pytest.raises(ValueError, match="'0:0:a.weight:middle': the part must be"):
+        compressed_from_tensors(flat)

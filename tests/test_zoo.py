@@ -6,6 +6,7 @@ that the whole build takes seconds; ``test_mini_world.py`` builds the real one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -192,3 +193,35 @@ def test_evaluations_are_remembered_per_task_and_state(built, tmp_path, monkeypa
     with evalcache.using("off"):
         assert z.evaluate(expert, "test", ["digits"]) == one  # the same number computed again
         assert calls.calls == 2 * len(TINY.tasks) + 2
+
+
+def test_twin_counts_are_remembered_per_router_and_vectors(built, tmp_path, monkeypatch):
+    from course_lib import config, evalcache
+    from course_lib import experiments as ex
+    from course_lib.merging import compress, shared_expert, twin_vectors
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    shared = shared_expert(z.pretrained, z.finetuned())
+    vectors = twin_vectors(shared, z.finetuned())
+    low, dense = compress(vectors, rank_ratio=0.25), compress(vectors, rank_ratio=1.0)
+    router = ex.train_task_router(z, epochs=2, progress=False)
+    calls = Counter(ex.per_input_logits)
+    monkeypatch.setattr(ex, "per_input_logits", calls)
+    with evalcache.using("on"):
+        first = ex.twin_accuracy(z, shared, low, router, limit=8, progress=False)
+        computed = calls.calls
+        again = ex.twin_accuracy(z, shared, low, router, limit=8, progress=False)
+        assert calls.calls == computed  # served: no merged forward pass
+        assert (again.accuracy, again.router_accuracy) == (first.accuracy, first.router_accuracy)
+        assert torch.equal(again.confusion, first.confusion)
+        ex.twin_accuracy(z, shared, dense, router, limit=8, progress=False)  # other vectors
+        assert calls.calls == 2 * computed
+        other = copy.deepcopy(router)
+        with torch.no_grad():
+            other.net[0].bias[0] += 1e-3
+        ex.twin_accuracy(z, shared, low, other, limit=8, progress=False)  # another router
+        assert calls.calls == 3 * computed
+    with evalcache.using("off"):
+        fresh = ex.twin_accuracy(z, shared, low, router, limit=8, progress=False)
+        assert fresh.accuracy == first.accuracy and torch.equal(fresh.confusion, first.confusion)

@@ -170,6 +170,42 @@ def compress(
     return out
 
 
+def compressed_tensors(compressed: Sequence[CompressedVector]) -> dict[str, Tensor]:
+    """Compressed vectors as one flat dict of tensors, ready for ``safetensors``: the vector's
+    index, the key's position and name, and the part (``left``, ``right`` or ``dense``) name each
+    tensor, ``"0:3:layers.0.mlp.weight:left"``. :func:`compressed_from_tensors` inverts it."""
+    flat = {}
+    for i, vec in enumerate(compressed):
+        for j, (key, part) in enumerate(vec.parts.items()):
+            if isinstance(part, LowRank):
+                flat[f"{i}:{j}:{key}:left"] = part.left.contiguous()
+                flat[f"{i}:{j}:{key}:right"] = part.right.contiguous()
+            else:
+                flat[f"{i}:{j}:{key}:dense"] = part.contiguous()
+    return flat
+
+
+def compressed_from_tensors(flat: Mapping[str, Tensor]) -> list[CompressedVector]:
+    """The compressed vectors that :func:`compressed_tensors` flattened, in their order."""
+    vectors: dict[int, dict[int, tuple[str, LowRank | Tensor]]] = {}
+    for name, t in flat.items():
+        i, j, rest = name.split(":", 2)
+        key, what = rest.rsplit(":", 1)
+        if what == "dense":
+            part: LowRank | Tensor = t
+        elif what == "left":
+            part = LowRank(t, flat[f"{i}:{j}:{key}:right"])
+        elif what == "right":
+            continue
+        else:
+            raise ValueError(f"{name!r}: the part must be left, right or dense, not {what!r}")
+        vectors.setdefault(int(i), {})[int(j)] = (key, part)
+    return [
+        CompressedVector(dict(parts[j] for j in sorted(parts)), checked=True)
+        for _, parts in sorted(vectors.items())
+    ]
+
+
 def _check_vector_tensor(t: object, key: str, where: str, finite: bool = True) -> None:
     """A twin vector's tensor must be a floating-point tensor (an integer one would round its
     SVD factors, or its weighted sum, to nothing) and, when ``finite``, hold no NaN or Inf."""
