@@ -181,3 +181,15 @@ def test_damaged_answers_and_tensors_are_computed_again(cache):
     again = Compute(value=torch.ones(2))  # the rewritten entry is whole again
     assert torch.equal(evalcache.remember("world", ["p"], again, kind="tensor"), torch.zeros(2))
     assert again.calls == 0
+
+
+def test_an_unwritable_cache_costs_speed_never_a_result(tmp_path, monkeypatch):
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(config, "CACHE_DIR", blocked)  # <file>/evals cannot be created
+    with evalcache.using("on"):
+        assert evalcache.Memo("world", state(), "val", 500)("digits", Compute()) == 87.5
+        features = Compute(value=torch.ones(3))
+        assert torch.equal(evalcache.remember("w", ["p"], features, kind="tensor"), torch.ones(3))
+        assert evalcache.remember("w", ["p"], features, kind="tensor") is not None
+        assert features.calls == 2  # nothing could be stored: computed each time
