@@ -157,6 +157,8 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], float]:
 
 @dataclass(frozen=True)
 class Kind:
+    """How one kind of value is written to, and read back from, its file."""
+
     suffix: str
     dump: Callable[[Path, Any, float], None]
     load: Callable[[Path], tuple[Any, float]]  # raises on a missing or damaged entry

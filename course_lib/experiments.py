@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,28 +235,41 @@ def twin_accuracy(
     for i, t in enumerate(
         progress_bar(names, desc="twin per-input", progress=progress, leave=False)
     ):
-
-        def counts(t: str = t) -> Tensor:
-            """[inputs right, inputs, inputs routed to each task]"""
-            w_all = router.weights(features(zoo, zoo.pretrained, t, split, limit, pooled=pooled))
-            correct, start = 0, 0
-            for px, lab in zoo.tasks[t].batches(split, batch_size, limit=limit):
-                w = w_all[start : start + len(lab)]
-                start += len(lab)
-                with torch.no_grad():
-                    logits = per_input_logits(
-                        enc, shared, stacked, w, px, zoo.heads[t], zoo.logit_scale
-                    )
-                correct += int((logits.argmax(-1) == lab).sum())
-            picked = torch.bincount(w_all.argmax(-1), minlength=len(names))
-            return torch.tensor([correct, start, *picked.tolist()])
-
+        count = functools.partial(
+            _twin_counts, zoo, t, enc, shared, stacked, router, split, limit, batch_size, pooled
+        )
         head = evalcache.tensor_salt(zoo.heads[t], zoo.logit_scale) if digests else ""
-        c = evalcache.remember(zoo.world, ["twin per-input", *digests, t, head], counts, "tensor")
+        c = evalcache.remember(zoo.world, ["twin per-input", *digests, t, head], count, "tensor")
         accs[t] = 100.0 * int(c[0]) / int(c[1])
         confusion[i] += c[2:].float()
         hits, total = hits + int(c[2 + i]), total + int(c[1])
     return TwinResult(accs, 100.0 * hits / total, compression_of(compressed), rank_ratio, confusion)
+
+
+@torch.no_grad()
+def _twin_counts(
+    zoo: Zoo,
+    task: str,
+    enc: torch.nn.Module,
+    shared: Mapping[str, Tensor],
+    stacked: Mapping[str, Tensor],
+    router: Router,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    pooled: bool,
+) -> Tensor:
+    """One task's inputs, each merged with its own router weights: [right, inputs, routed to
+    each task]."""
+    w_all = router.weights(features(zoo, zoo.pretrained, task, split, limit, pooled=pooled))
+    correct, start = 0, 0
+    for px, lab in zoo.tasks[task].batches(split, batch_size, limit=limit):
+        w = w_all[start : start + len(lab)]
+        start += len(lab)
+        logits = per_input_logits(enc, shared, stacked, w, px, zoo.heads[task], zoo.logit_scale)
+        correct += int((logits.argmax(-1) == lab).sum())
+    routed = torch.bincount(w_all.argmax(-1), minlength=len(zoo.task_names))
+    return torch.tensor([correct, start, *routed.tolist()])
 
 
 def twin_merging(
