@@ -106,7 +106,8 @@ def _report(text: str, name: str, start: float) -> int:
 
     if evalcache.hits():
         print(
-            f"{evalcache.hits()} results (accuracies, answers, router features) were read from "
+            f"{evalcache.hits()} results (accuracies; Twin's router features, compressed vectors "
+            "and answers) were read from "
             f"{evalcache.root()} (same weights, data and code; computing them took "
             f"{evalcache.seconds_saved():.0f} s; COURSE_EVAL_CACHE=off computes them again)"
         )

@@ -183,3 +183,7 @@ def test_compressed_vectors_round_trip_through_safetensors(tmp_path):
     flat["0:0:a.weight:middle"] = flat.pop("0:0:a.weight:left")
     with pytest.raises(ValueError, match="'0:0:a.weight:middle': the part must be"):
         compressed_from_tensors(flat)
+    flat = compressed_tensors(compressed)
+    del flat["1:2:b.weight:right"]
+    with pytest.raises(ValueError, match="'1:2:b.weight:left' has no right factor"):
+        compressed_from_tensors(flat)

@@ -194,6 +194,8 @@ def compressed_from_tensors(flat: Mapping[str, Tensor]) -> list[CompressedVector
         if what == "dense":
             part: LowRank | Tensor = t
         elif what == "left":
+            if f"{i}:{j}:{key}:right" not in flat:
+                raise ValueError(f"{name!r} has no right factor {i}:{j}:{key}:right")
             part = LowRank(t, flat[f"{i}:{j}:{key}:right"])
         elif what == "right":
             continue
