@@ -44,8 +44,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_json(path: Path, obj: object, indent: int | None = None) -> Path:
+def write_json(
+    path: Path, obj: object, indent: int | None = None, *, sort_keys: bool = False
+) -> Path:
     """Write ``obj`` as JSON to ``path``, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent))
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys))
     return path

@@ -35,7 +35,7 @@ from transformers import CLIPModel, CLIPVisionConfig
 from course_lib import config, evalcache
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
-from course_lib.files import atomic_path, sha256
+from course_lib.files import atomic_path, sha256, write_json
 from course_lib.models import hub
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
 from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
@@ -173,8 +173,7 @@ class Manifest:
             self.data["info"].pop(n, None)
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        write_json(self.path, self.data, indent=1, sort_keys=True)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
