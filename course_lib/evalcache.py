@@ -86,7 +86,7 @@ def seconds_saved() -> float:
 
 
 def hits() -> int:
-    """Number of values (accuracies, answers, features) served from the cache in this process."""
+    """Number of values (accuracies, features, answers, ...) served from the cache in this process."""
     return _saved["hits"]
 
 
