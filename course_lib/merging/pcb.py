@@ -251,7 +251,7 @@ class _Balancer:
         overwrite ``tau`` with the clipped tau_c = sign(tau) * a."""
         t, m = tau.shape
         self._buffers(m)
-        a, mag, u = self.a[:, :m], self.mag[:, :m], self.u[:, :m]
+        a, mag = self.a[:, :m], self.mag[:, :m]
         torch.abs(tau, out=a)
         for i in range(t):  # a scalar clamp per row is much faster than a broadcast one
             a[i].clamp_(min=float(self.lo[i]), max=float(self.hi[i]))
@@ -259,15 +259,17 @@ class _Balancer:
         if self.inter == "sum":
             inter = torch.sum(tau, dim=0, out=self.row[:m])
             torch.mul(tau, inter, out=self.total[:, :m]).tanh_()
-        else:
-            torch.sign(tau, out=u).mul_(mag)
-            self._pairwise(u)
+            square = mag.mul_(mag)
+        else:  # u = sign(tau) m; where tau = 0, a = lo and m = 0, so u = 0 as well
+            square = self._pairwise(torch.copysign(mag, tau, out=self.u[:, :m]))
         if clip_tau:
             tau.sign_().mul_(a)
-        return mag.mul_(mag).mul_(t).exp_().mul_(self.total[:, :m])
+        return square.mul_(t).exp_().mul_(self.total[:, :m])
 
-    def _pairwise(self, u: Tensor) -> None:
+    def _pairwise(self, u: Tensor) -> Tensor:
         """total_i = sum_j tanh(u_i u_j) through power sums: O(T K) products, not T^2 tanh.
+
+        Writes ``self.total`` and returns u^2 (= m^2, which the intra-balancing needs next).
 
         With tanh(x) ~ p(x) = sum_k c_k x^(2k+1) on [-1, 1] (:func:`tanh_odd_polynomial`; here
         |u| <= 1, so every product u_i u_j lies in [-1, 1]) the sum over pairs separates:
@@ -275,8 +277,8 @@ class _Balancer:
             sum_j p(u_i u_j) = u_i * sum_k c_k (u_i^2)^k S_k,    S_k = sum_j u_j^(2k+1),
 
         K + 1 power sums over the tasks, then one Horner evaluation in u_i^2 per task. For 8
-        tasks that replaces 36 sigmoids and 100 sums per position by ~40 multiply-adds (measured
-        ~1.7x faster), and the gap grows with T.
+        tasks that replaces 36 sigmoids and 64 additions per position by ~25 multiply-adds per
+        task (measured 1.4x faster on [8, 2^18] blocks, 2.3x for 20 tasks).
         """
         t, m = u.shape
         c = self.coef
@@ -293,6 +295,7 @@ class _Balancer:
         for k in range(len(c) - 3, -1, -1):
             torch.addcmul(sums[k], total, u2, out=total)
         total.mul_(u)
+        return u2
 
     def merge(
         self, tau: Tensor, threshold: Tensor, beta_max: Tensor, lam: Sequence[float], out: Tensor
