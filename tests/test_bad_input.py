@@ -353,3 +353,19 @@ def test_merge_with_weights_scans_only_vectors_not_made_by_compress(monkeypatch)
     by_hand = CompressedVector({**made[0].parts, key: LowRank(bad_left, made[0].parts[key].right)})
     with pytest.raises(ValueError, match=rf"{key!r} in twin vector 0 contains NaN"):
         merge_with_weights(sh, [by_hand, made[1], made[2]], [0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value_in_any_float_dtype(dtype, bad):
+    from course_lib.state import check_finite
+
+    t = torch.randn(1000).to(dtype)
+    check_finite("w", t, "model 0")  # finite: passes
+    check_finite("w", torch.empty(0, dtype=dtype), "model 0")  # empty: nothing to check
+    t[-1] = bad
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(ValueError, match=rf"'w' in model 0 contains {kind}"):
+        check_finite("w", t, "model 0")
+    with pytest.raises(ValueError, match=kind):
+        check_finite("w", torch.tensor(bad, dtype=dtype), "model 0")  # a 0-d tensor

@@ -167,8 +167,9 @@ class _Counter:
     Written with float arithmetic only: on CPU, PyTorch's comparisons (bool outputs) and bool
     reductions are ~2-10x slower than float ops of the same size. With d = x - lo (its sign is
     exact), min(sign d, 0) is -1 exactly where x < lo and 0 elsewhere: its row sum is minus the
-    count, exact in float32 for a chunk. The in-bracket values are rare: the columns that hold one are found from the
-    column maximum of min(x - lo, hi - x), and only those columns are compared exactly.
+    count, exact in float32 for a chunk. The in-bracket values are rare: the columns that hold
+    one are found from the column maximum of min(x - lo, hi - x), and only those columns are
+    compared exactly.
     """
 
     def __init__(self, rows: int):
