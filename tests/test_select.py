@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from course_lib.merging import _select
 from course_lib.merging._select import kth_largest_count, kth_smallest_rows
 
 
@@ -27,6 +28,53 @@ def test_matches_a_full_sort_even_with_a_bad_sample(sample_size):
         direct_limit=0,
     )
     assert torch.equal(got, full[:, ranks])
+
+
+@pytest.mark.parametrize("use_scratch", [False, True])
+def test_heavy_ties_are_counted_exactly(use_scratch):
+    # Five distinct values: most entries equal a bracket end, so the count of values below
+    # ``lo`` (from the sign sums) and the ties at ``lo`` (from the candidates) both matter.
+    g = torch.Generator().manual_seed(3)
+    data = {f"k{i}": torch.randint(0, 5, (4, 700 * (i + 1)), generator=g).float() for i in range(4)}
+    keys = list(data)
+    full = torch.cat([data[k] for k in keys], dim=1).sort(dim=1).values
+    d = full.shape[1]
+    ranks = [0, d // 5, d // 2, d - 1 - d // 7, d - 1]
+    scratch = (torch.empty(4, 3000), torch.empty(4, 3000)) if use_scratch else None
+    for sample_size in (5, 1000):
+        got = kth_smallest_rows(
+            keys,
+            [data[k].shape[1] for k in keys],
+            lambda k, where: data[k][:, where],
+            [ranks] * 4,
+            sample_size=sample_size,
+            direct_limit=0,
+            scratch=scratch,
+        )
+        assert torch.equal(got, full[:, ranks])
+
+
+@pytest.mark.parametrize("first_rank", ["middle", "max"])
+def test_visit_reach_marks_every_position_that_can_reach_the_first_rank(first_rank):
+    data = _data(seed=4, rows=3)
+    keys, numels = list(data), [data[k].shape[1] for k in data]
+    d = sum(numels)
+    rank = d - 1 if first_rank == "max" else (9 * d) // 10
+    seen: dict[str, list[tuple[slice, torch.Tensor]]] = {k: [] for k in keys}
+
+    def visit(key, where, reach):
+        seen[key].append((where, reach.clone()))
+
+    got = kth_smallest_rows(
+        keys, numels, lambda k, w: data[k][:, w], [[rank]] * 3, direct_limit=0, visit=visit
+    )
+    for key in keys:
+        reach = torch.cat([r for _, r in seen[key]])
+        assert [w.start for w, _ in seen[key]] == list(range(0, data[key].shape[1], _select.CHUNK))
+        assert reach.shape == (data[key].shape[1],)
+        at_or_above = (data[key] >= got[:, :1]).any(dim=0)  # may hold a kept value
+        assert (reach[at_or_above] >= 0).all()
+        assert (reach >= 0).float().mean() < 0.5  # and the bracket is tight: most are ruled out
 
 
 def test_rank_out_of_range_is_an_error():

@@ -27,13 +27,15 @@ from torch import Tensor
 # index tensor or a ``slice`` of the flattened tensor. Row t belongs to task t. The result may be
 # a reused buffer, overwritten by the next call: callers copy what they keep.
 ValuesFn = Callable[[str, Tensor | slice], Tensor]
-# visit(key, where, x, lo): sees each streamed chunk x = values(key, where) and the brackets' lower
-# ends lo [T, ranks per row] (see kth_smallest_rows).
-VisitFn = Callable[[str, slice, Tensor, Tensor], None]
+# visit(key, where, reach): for each streamed chunk x = values(key, where), reach[c] is the largest
+# x[t, c] - lo[t] over the rows t, lo being the lower ends of the first rank's brackets (see
+# kth_smallest_rows).
+VisitFn = Callable[[str, slice, Tensor], None]
 
 DIRECT_LIMIT = 1 << 22  # below this many values per row, just concatenate and kthvalue
-CHUNK = 1 << 18  # columns per streaming step: [8, CHUNK] floats = 8 MB, in the L3 cache (measured
-# faster and leaner than 1 << 16 and 1 << 20 for 8 ViT-B/32-sized models on 2 cores)
+CHUNK = 1 << 16  # columns per streaming step: [8, CHUNK] floats = 2 MB, so that the few blocks a
+# chunk goes through stay in the L3 cache. PCB on 8 ViT-B/32-sized models, 2 cores, alternating
+# processes: 10.3-13.2 s at 1 << 16, 10.1-15.1 s at 1 << 17; 1 << 18 was slower in one process.
 
 
 def chunks(numel: int, size: int | None = None) -> list[slice]:
@@ -70,6 +72,7 @@ def kth_smallest_rows(
     seed: int = 0,
     direct_limit: int | None = None,
     visit: VisitFn | None = None,
+    scratch: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Return ``out[t, j]``: the value of 0-based ascending rank ``ranks[t][j]`` in row t.
 
@@ -79,9 +82,12 @@ def kth_smallest_rows(
     simply concatenated and sorted. A rank of D - 1 in every row (the row maximum) is a plain
     running maximum.
 
-    ``visit(key, where, x, lo)``, if given, sees every chunk ``x`` of the streaming pass with the
-    brackets' lower ends ``lo`` [T, len(ranks[0])]: every value at or above its rank's result is
-    at or above ``lo``. It is not called on the direct path (small rows).
+    ``visit(key, where, reach)``, if given, sees every chunk of the streaming pass as
+    ``reach`` [chunk], the largest ``x[t] - lo[t]`` over the rows, ``lo`` being the lower ends of
+    the brackets of ``ranks[:][0]``: a position can hold a value at or above that rank's result
+    in some row only where ``reach >= 0``. It is not called on the direct path (small rows).
+    ``scratch``: two [T, >= CHUNK] float32 buffers the counting may overwrite (it allocates its
+    own otherwise); ``values`` must not return a view of them.
     """
     total = int(sum(numels))
     ranks_t = torch.tensor([[int(r) for r in row] for row in ranks], dtype=torch.long)
@@ -104,12 +110,13 @@ def kth_smallest_rows(
     inf = torch.tensor(float("inf"))
     lo = torch.where(lo_i < 0, -inf, sample.gather(1, lo_i.clamp(0, s - 1)))
     hi = torch.where(hi_i >= s, inf, sample.gather(1, hi_i.clamp(0, s - 1)))
-    result = _refine(keys, numels, values, ranks_t, lo, hi, visit)
+    work = _Counter(len(ranks_t), scratch)
+    result = _refine(keys, numels, values, ranks_t, lo, hi, work, visit)
     bad = torch.isnan(result)
     if bad.any():  # unlucky sample (rare): count again with an open bracket for those ranks only
         lo2 = torch.where(bad, -inf, inf)
         hi2 = torch.where(bad, inf, -inf)
-        again = _refine(keys, numels, values, ranks_t, lo2, hi2, visit)
+        again = _refine(keys, numels, values, ranks_t, lo2, hi2, work, visit)
         result = torch.where(bad, again, result)
     return result
 
@@ -121,6 +128,7 @@ def _refine(
     ranks: Tensor,
     lo: Tensor,
     hi: Tensor,
+    work: _Counter,
     visit: VisitFn | None = None,
 ) -> Tensor:
     """Count values below ``lo`` and keep those in [lo, hi], one cache-sized chunk at a time."""
@@ -130,17 +138,23 @@ def _refine(
     below = torch.zeros(rows, per_row, dtype=torch.float64)
     kept: list[list[Tensor]] = [[] for _ in range(per_row)]  # in-bracket values, row-major
     counts: list[list[Tensor]] = [[] for _ in range(per_row)]  # how many of them per row
-    work = _Counter(rows)
     for key, n in zip(keys, numels, strict=True):
         for where in chunks(n):
             x = values(key, where)  # [T, chunk]
+            reach = None
             if visit is not None:
-                visit(key, where, x, lo)
+                if is_max[0]:  # no counting for rank 0: compute its reach here
+                    visit(key, where, torch.sub(x, lo[:, :1]).amax(dim=0))
+                else:
+                    reach = work.reach(x.shape[1])
             for j in range(per_row):
                 if is_max[j]:
                     torch.maximum(row_max, x.amax(dim=1), out=row_max)
                     continue
-                n_below, cols, inside = work.split(x, lo[:, j : j + 1], hi[:, j : j + 1])
+                lo_j, hi_j = lo[:, j : j + 1], hi[:, j : j + 1]
+                n_below, cols, inside = work.split(x, lo_j, hi_j, reach if j == 0 else None)
+                if j == 0 and reach is not None:
+                    visit(key, where, reach)
                 below[:, j] += n_below
                 kept[j].append(cols[inside])  # row-major: row t's values, then row t+1's
                 counts[j].append(inside.sum(dim=1))
@@ -166,31 +180,49 @@ class _Counter:
 
     Written with float arithmetic only: on CPU, PyTorch's comparisons (bool outputs) and bool
     reductions are ~2-10x slower than float ops of the same size. With d = x - lo (its sign is
-    exact), min(sign d, 0) is -1 exactly where x < lo and 0 elsewhere: its row sum is minus the
-    count, exact in float32 for a chunk. The in-bracket values are rare: the columns that hold
-    one are found from the column maximum of min(x - lo, hi - x), and only those columns are
-    compared exactly.
+    exact: x - lo rounds to 0 only when x == lo), the row sum of sign(d) is (count above lo) -
+    (count below lo); the values equal to lo lie inside [lo, hi], so they are among the gathered
+    candidates and counted there. The in-bracket values are rare: the columns that hold one are
+    found from the column maximum of min(x - lo, hi - x), and only those columns are compared
+    exactly.
     """
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, scratch: tuple[Tensor, Tensor] | None = None):
         self.rows, self.cols = rows, 0
+        if scratch is not None:
+            self.d, self.e = scratch
+            self.cols = min(self.d.shape[1], self.e.shape[1])
+        self.row = torch.empty(self.cols)
 
-    def split(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (count of x < lo per row [T], the candidate columns of x [T, k], and the mask
-        [T, k] of their entries inside [lo, hi])."""
-        m = x.shape[1]
+    def _ensure(self, m: int) -> None:
         if m > self.cols:
             self.cols = max(m, CHUNK)
             self.d, self.e = torch.empty(self.rows, self.cols), torch.empty(self.rows, self.cols)
+            self.row = torch.empty(self.cols)
+
+    def reach(self, m: int) -> Tensor:
+        """A [m] buffer for :meth:`split`'s ``reach``."""
+        self._ensure(m)
+        return self.row[:m]
+
+    def split(
+        self, x: Tensor, lo: Tensor, hi: Tensor, reach: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (count of x < lo per row [T], the candidate columns of x [T, k], and the mask
+        [T, k] of their entries inside [lo, hi]). ``reach``, if given: set to max_t (x_t - lo_t)."""
+        m = x.shape[1]
+        self._ensure(m)
         d, e = self.d[:, :m], self.e[:, :m]
         torch.sub(x, lo, out=d)
-        below = torch.sign(d, out=e).clamp_(max=0)  # -1 where x < lo, else 0
+        if reach is not None:
+            torch.amax(d, dim=0, out=reach)
         exact = torch.float32 if m <= 1 << 24 else torch.float64  # integer sums stay exact
-        n_below = below.sum(dim=1, dtype=exact).double().neg_()
+        signs = torch.sign(d, out=e).sum(dim=1, dtype=exact).double()
         torch.minimum(d, torch.sub(hi, x, out=e), out=d)  # >= 0 exactly inside [lo, hi]
         cols = (d.amax(dim=0) >= 0).nonzero().squeeze(1)
         sub = gather_columns(x, cols)
-        return n_below, sub, (sub >= lo) & (sub <= hi)
+        at_lo = (sub == lo).sum(dim=1).double()
+        return (m - at_lo - signs) / 2, sub, (sub >= lo) & (sub <= hi)
 
 
 def kth_largest_count(numel: int, fraction: float) -> int:
