@@ -13,8 +13,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
 
 
 def sha256(path: Path) -> str:
@@ -50,4 +53,14 @@ def write_json(
     """Write ``obj`` as JSON to ``path``, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys))
+    return path
+
+
+def save_tensors(
+    path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as a safetensors file at ``path``, atomically (made contiguous first)."""
+    with atomic_path(path) as tmp:
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp), metadata=None if metadata is None else dict(metadata))
     return path

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from course_lib.files import atomic_path
+from course_lib.files import atomic_path, save_tensors
 from course_lib.models import zoo as zoo_mod
 from course_lib.models.vision import MiniClipConfig
 from course_lib.models.zoo import ZooConfig, build_zoo, load_zoo, verify_zoo
@@ -122,6 +122,18 @@ def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
+
+
+def test_save_tensors_writes_contiguous_safetensors_with_metadata(tmp_path):
+    from safetensors import safe_open
+
+    t = torch.arange(12.0).reshape(3, 4)
+    path = save_tensors(tmp_path / "a.safetensors", {"t": t.T, "b": t[0]}, {"seconds": "1.5"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"seconds": "1.5"}
+        assert torch.equal(f.get_tensor("t"), t.T)  # a transposed view is saved by value
+        assert torch.equal(f.get_tensor("b"), t[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
 
 def test_twin_pieces_on_the_tiny_zoo(built):

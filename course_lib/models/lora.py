@@ -39,7 +39,8 @@ from torch import Tensor
 
 from course_lib.config import progress_bar
 from course_lib.data.text import TextExample, TextTask
-from course_lib.models.zoo import Manifest, _save_tensors
+from course_lib.files import save_tensors
+from course_lib.models.zoo import Manifest
 from course_lib.state import check_number
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -309,7 +310,7 @@ def save_expert(expert: LoraExpert, path: Path) -> None:
     tensors = {}
     for key, (a, b) in expert.factors.items():
         tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"] = a, b
-    _save_tensors(path, tensors)
+    save_tensors(path, tensors)
 
 
 def load_expert(path: Path, task: str, scale: float, history: dict | None = None) -> LoraExpert:

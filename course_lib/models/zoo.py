@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPModel, CLIPVisionConfig
 
 from course_lib import config, evalcache
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
-from course_lib.files import atomic_path, sha256, write_json
+from course_lib.files import atomic_path, save_tensors, sha256, write_json
 from course_lib.models import hub
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
 from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
@@ -176,11 +176,6 @@ class Manifest:
         write_json(self.path, self.data, indent=1, sort_keys=True)
 
 
-def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-
-
 # ----------------------------------------------------------------------------- the mini build
 
 
@@ -224,8 +219,9 @@ def build_zoo(
         clip, losses = mv.pretrain_clip(cfg.clip, images, captions, tokenizer, progress=progress)
         with atomic_path(root / "tokenizer.json") as tmp:
             tokenizer.backend_tokenizer.save(str(tmp))
-        _save_tensors(root / "clip.safetensors", clip.state_dict())
-        (root / "clip_config.json").write_text(clip.config.to_json_string())
+        save_tensors(root / "clip.safetensors", clip.state_dict())
+        with atomic_path(root / "clip_config.json") as tmp:
+            tmp.write_text(clip.config.to_json_string())
         man.record("tokenizer.json")
         man.record(
             "clip.safetensors",
@@ -247,7 +243,7 @@ def build_zoo(
             )
             for n, t in tasks.items()
         }
-        _save_tensors(root / "heads.safetensors", heads)
+        save_tensors(root / "heads.safetensors", heads)
         man.record("heads.safetensors")
     heads = load_file(str(root / "heads.safetensors"))
     scale = clip.logit_scale.detach().exp().clamp(max=100.0).item()
@@ -260,7 +256,7 @@ def build_zoo(
         t0 = time.perf_counter()
         model = ZeroShotClassifier(hub.build_image_encoder(enc_cfg, theta0), heads[name], scale)
         state, hist = finetune(model, task, cfg.finetune, progress=progress)
-        _save_tensors(root / fname, state)
+        save_tensors(root / fname, state)
         man.record(fname, seconds=round(time.perf_counter() - t0, 1), **_summary(hist))
         log(f"expert {name}: val {max(hist.val_accuracy):.1f}% in {time.perf_counter() - t0:.0f} s")
     man.data["info"]["build_seconds_last_run"] = round(time.perf_counter() - t_all, 1)
@@ -395,7 +391,7 @@ def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
             n: zeroshot_head(clip, tokenizer, t.classnames, t.templates, device=dev)
             for n, t in tasks.items()
         }
-        _save_tensors(heads_file, heads)
+        save_tensors(heads_file, heads)
     experts = {n: hub.load_expert(n, theta0) for n in tasks}
     return Zoo(
         profile="full",
