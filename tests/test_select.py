@@ -12,22 +12,25 @@ def _data(seed=0, rows=3):
     return {f"k{i}": torch.randn(rows, 500 * (i + 1), generator=g) for i in range(6)}
 
 
-@pytest.mark.parametrize("sample_size", [3, 50, 100_000])
-def test_matches_a_full_sort_even_with_a_bad_sample(sample_size):
-    data = _data()
+def _assert_exact(data, ranks_of, **kwargs):
+    """The streaming path (never the direct one) equals a full sort at ranks ``ranks_of(D)``."""
     keys = list(data)
     full = torch.cat([data[k] for k in keys], dim=1).sort(dim=1).values
-    d = full.shape[1]
-    ranks = [0, 1, d // 3, d // 2, d - 2, d - 1]
+    ranks = ranks_of(full.shape[1])
     got = kth_smallest_rows(
         keys,
         [data[k].shape[1] for k in keys],
         lambda k, where: data[k][:, where],
-        [ranks] * 3,
-        sample_size=sample_size,
+        [ranks] * full.shape[0],
         direct_limit=0,
+        **kwargs,
     )
     assert torch.equal(got, full[:, ranks])
+
+
+@pytest.mark.parametrize("sample_size", [3, 50, 100_000])
+def test_matches_a_full_sort_even_with_a_bad_sample(sample_size):
+    _assert_exact(_data(), lambda d: [0, 1, d // 3, d // 2, d - 2, d - 1], sample_size=sample_size)
 
 
 @pytest.mark.parametrize("use_scratch", [False, True])
@@ -36,22 +39,14 @@ def test_heavy_ties_are_counted_exactly(use_scratch):
     # ``lo`` (from the sign sums) and the ties at ``lo`` (from the candidates) both matter.
     g = torch.Generator().manual_seed(3)
     data = {f"k{i}": torch.randint(0, 5, (4, 700 * (i + 1)), generator=g).float() for i in range(4)}
-    keys = list(data)
-    full = torch.cat([data[k] for k in keys], dim=1).sort(dim=1).values
-    d = full.shape[1]
-    ranks = [0, d // 5, d // 2, d - 1 - d // 7, d - 1]
     scratch = (torch.empty(4, 3000), torch.empty(4, 3000)) if use_scratch else None
     for sample_size in (5, 1000):
-        got = kth_smallest_rows(
-            keys,
-            [data[k].shape[1] for k in keys],
-            lambda k, where: data[k][:, where],
-            [ranks] * 4,
+        _assert_exact(
+            data,
+            lambda d: [0, d // 5, d // 2, d - 1 - d // 7, d - 1],
             sample_size=sample_size,
-            direct_limit=0,
             scratch=scratch,
         )
-        assert torch.equal(got, full[:, ranks])
 
 
 @pytest.mark.parametrize("first_rank", ["middle", "max"])
