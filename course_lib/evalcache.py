@@ -41,10 +41,11 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from course_lib import config
-from course_lib.files import atomic_path, save_tensors
+from course_lib.files import atomic_path
 from course_lib.leaderboard import source_digest
 
 V = TypeVar("V")
@@ -145,7 +146,10 @@ def _load_tensor(path: Path) -> tuple[Tensor, float]:
 
 
 def _dump_tensors(path: Path, value: Mapping[str, Tensor], seconds: float) -> None:
-    save_tensors(path, value, {"seconds": repr(seconds)})
+    # ``path`` is already remember()'s temporary file: a plain write (files.save_tensors would
+    # add a second temporary and rename)
+    tensors = {k: v.contiguous() for k, v in value.items()}
+    save_file(tensors, str(path), metadata={"seconds": repr(seconds)})
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], float]:
@@ -191,11 +195,10 @@ def remember(
     ``parts`` must name every input of ``compute`` that ``world`` does not (weights digests,
     task, split, prompts...). With no ``world`` or with the cache off, ``compute()`` just runs.
     """
-    current = mode()
-    if not world or current == "off":  # as active(world), reading the mode once
+    if not active(world):
         return compute()
     path, codec = entry(world, parts, kind), KINDS[kind]
-    if current == "on":
+    if mode() == "on":
         try:
             value, seconds = codec.load(path)
         except _DAMAGED:  # missing or damaged: computed again and rewritten
