@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from course_lib.merging import _select
-from course_lib.merging._select import kth_largest_count, kth_smallest_rows
+from course_lib.merging._select import PerThread, kth_largest_count, kth_smallest_rows, stream
 
 
 def _data(seed=0, rows=3):
@@ -39,7 +39,9 @@ def test_heavy_ties_are_counted_exactly(use_scratch):
     # ``lo`` (from the sign sums) and the ties at ``lo`` (from the candidates) both matter.
     g = torch.Generator().manual_seed(3)
     data = {f"k{i}": torch.randint(0, 5, (4, 700 * (i + 1)), generator=g).float() for i in range(4)}
-    scratch = (torch.empty(4, 3000), torch.empty(4, 3000)) if use_scratch else None
+    scratch = (
+        PerThread(lambda: (torch.empty(4, 3000), torch.empty(4, 3000))) if use_scratch else None
+    )
     for sample_size in (5, 1000):
         _assert_exact(
             data,
@@ -64,6 +66,7 @@ def test_visit_reach_marks_every_position_that_can_reach_the_first_rank(first_ra
         keys, numels, lambda k, w: data[k][:, w], [[rank]] * 3, direct_limit=0, visit=visit
     )
     for key in keys:
+        seen[key].sort(key=lambda item: item[0].start)  # threads visit chunks in any order
         reach = torch.cat([r for _, r in seen[key]])
         assert [w.start for w, _ in seen[key]] == list(range(0, data[key].shape[1], _select.CHUNK))
         assert reach.shape == (data[key].shape[1],)
@@ -85,3 +88,38 @@ def test_rank_out_of_range_is_an_error():
 )
 def test_kept_count(numel, fraction, count):
     assert kth_largest_count(numel, fraction) == count
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 5])
+def test_any_number_of_workers_gives_the_same_bits(monkeypatch, num_workers):
+    monkeypatch.setattr(_select, "CHUNK", 128)  # many chunks, so that the threads interleave
+    monkeypatch.setattr(_select, "workers", lambda: num_workers)
+    _assert_exact(_data(seed=5), lambda d: [0, d // 10, d // 2, d - 1], sample_size=200)
+
+
+def test_stream_runs_every_job_once_and_restores_the_thread_count():
+    seen, threads = [], torch.get_num_threads()
+    stream(range(100), seen.append, num_workers=3)
+    assert sorted(seen) == list(range(100))
+    assert torch.get_num_threads() == threads
+
+
+def test_stream_raises_the_first_error_and_stops_the_other_threads():
+    done, threads = [], torch.get_num_threads()
+
+    def step(job):
+        if job == 3:
+            raise RuntimeError("chunk 3 is bad")
+        done.append(job)
+
+    with pytest.raises(RuntimeError, match="chunk 3 is bad"):
+        stream(range(10_000), step, num_workers=2)
+    assert len(done) < 9_000  # the other thread stopped early
+    assert torch.get_num_threads() == threads
+
+
+def test_per_thread_gives_each_thread_its_own_value():
+    lanes = PerThread(list)
+    stream(range(50), lambda job: lanes().append(job), num_workers=3)
+    assert sorted(j for lane in lanes.made for j in lane) == list(range(50))
+    assert lanes() is lanes()  # the calling thread's own, made once

@@ -13,19 +13,27 @@ the order statistic is found exactly in two cheap steps:
 
 If the sample was unlucky (the rank falls outside the bracket) the row is recomputed with a
 wider interval, so the result is always exact; only the speed depends on luck.
+
+The streaming passes run on :func:`workers` threads that take chunks from one queue
+(:func:`stream`). Every result is independent of which thread did which chunk (counts of values
+are integers, the candidates form a set, the rest are disjoint writes), so the output is the
+same bits for any number of workers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 # values(key, where) -> Tensor[T, m]: the values of one tensor at flat positions ``where``, an
 # index tensor or a ``slice`` of the flattened tensor. Row t belongs to task t. The result may be
-# a reused buffer, overwritten by the next call: callers copy what they keep.
+# a reused buffer of the calling thread, overwritten by its next call: callers copy what they keep.
 ValuesFn = Callable[[str, Tensor | slice], Tensor]
 # visit(key, where, reach): for each streamed chunk x = values(key, where), reach[c] is the largest
 # x[t, c] - lo[t] over the rows t, lo being the lower ends of the first rank's brackets (see
@@ -36,6 +44,81 @@ DIRECT_LIMIT = 1 << 22  # below this many values per row, just concatenate and k
 CHUNK = 1 << 16  # columns per streaming step: [8, CHUNK] floats = 2 MB, so that the few blocks a
 # chunk goes through stay in the L3 cache. PCB on 8 ViT-B/32-sized models, 2 cores, alternating
 # processes: 10.3-13.2 s at 1 << 16, 10.1-15.1 s at 1 << 17; 1 << 18 was slower in one process.
+
+
+MAX_WORKERS = (
+    4  # more threads than this only add buffers: the passes are bound by memory and Python
+)
+
+
+def workers() -> int:
+    """How many threads stream a model: one per PyTorch thread, at most :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
+J = TypeVar("J")
+V = TypeVar("V")
+
+
+class PerThread(Generic[V]):
+    """``lane()`` returns the calling thread's own ``make()``, made on its first call.
+
+    Each streaming worker needs its own buffers (a chunk's values, the counter's scratch);
+    ``made`` lists every instance, so that per-thread partial results can be combined.
+    """
+
+    def __init__(self, make: Callable[[], V]):
+        self.make, self.local, self.made = make, threading.local(), []
+
+    def __call__(self) -> V:
+        value = getattr(self.local, "value", None)
+        if value is None:
+            value = self.local.value = self.make()
+            self.made.append(value)
+        return value
+
+
+def stream(jobs: Iterable[J], step: Callable[[J], None], num_workers: int | None = None) -> None:
+    """Call ``step(job)`` for every job, on ``num_workers`` threads (default :func:`workers`).
+
+    The threads take jobs from one shared iterator, so a thread that drew small tensors takes
+    more of them. Each runs PyTorch single-threaded: on this course's 2-core machine two
+    chunks processed side by side by one thread each go faster than one chunk at a time on
+    two threads (the [T, chunk] operations are too short to split well). ``step`` must be safe
+    to call from several threads at once (see :class:`PerThread`); the first exception stops
+    every thread and is raised here.
+    """
+    n = workers() if num_workers is None else num_workers
+    jobs = iter(jobs)
+    if n <= 1:
+        for job in jobs:
+            step(job)
+        return
+    lock, failed = threading.Lock(), threading.Event()
+
+    def run() -> None:
+        while not failed.is_set():
+            with lock:
+                job = next(jobs, _DONE)
+            if job is _DONE:
+                return
+            try:
+                step(job)
+            except BaseException:
+                failed.set()
+                raise
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(n, thread_name_prefix="course_lib-stream") as pool:
+            for future in [pool.submit(run) for _ in range(n)]:
+                future.result()
+    finally:
+        torch.set_num_threads(before)
+
+
+_DONE = object()
 
 
 def chunks(numel: int, size: int | None = None) -> list[slice]:
@@ -72,7 +155,8 @@ def kth_smallest_rows(
     seed: int = 0,
     direct_limit: int | None = None,
     visit: VisitFn | None = None,
-    scratch: tuple[Tensor, Tensor] | None = None,
+    scratch: Callable[[], tuple[Tensor, Tensor]] | None = None,
+    num_workers: int | None = None,
 ) -> Tensor:
     """Return ``out[t, j]``: the value of 0-based ascending rank ``ranks[t][j]`` in row t.
 
@@ -82,12 +166,17 @@ def kth_smallest_rows(
     simply concatenated and sorted. A rank of D - 1 in every row (the row maximum) is a plain
     running maximum.
 
+    The streaming pass runs on ``num_workers`` threads (:func:`stream`), so ``values`` and
+    ``visit`` must be safe to call from several threads at once: ``values`` may return a buffer
+    it reuses, but one per thread (:class:`PerThread`).
+
     ``visit(key, where, reach)``, if given, sees every chunk of the streaming pass as
     ``reach`` [chunk], the largest ``x[t] - lo[t]`` over the rows, ``lo`` being the lower ends of
     the brackets of ``ranks[:][0]``: a position can hold a value at or above that rank's result
     in some row only where ``reach >= 0``. It is not called on the direct path (small rows).
-    ``scratch``: two [T, >= CHUNK] float32 buffers the counting may overwrite (it allocates its
-    own otherwise); ``values`` must not return a view of them.
+    ``scratch()``, if given, returns two [T, >= CHUNK] float32 buffers of the calling thread
+    that the counting may overwrite (it allocates its own otherwise); ``values`` must not
+    return a view of them.
     """
     total = int(sum(numels))
     ranks_t = torch.tensor([[int(r) for r in row] for row in ranks], dtype=torch.long)
@@ -110,69 +199,92 @@ def kth_smallest_rows(
     inf = torch.tensor(float("inf"))
     lo = torch.where(lo_i < 0, -inf, sample.gather(1, lo_i.clamp(0, s - 1)))
     hi = torch.where(hi_i >= s, inf, sample.gather(1, hi_i.clamp(0, s - 1)))
-    work = _Counter(len(ranks_t), scratch)
-    result = _refine(keys, numels, values, ranks_t, lo, hi, work, visit)
+    pass_ = _Pass(keys, numels, values, ranks_t, visit, scratch, num_workers)
+    result = pass_.refine(lo, hi)
     bad = torch.isnan(result)
     if bad.any():  # unlucky sample (rare): count again with an open bracket for those ranks only
         lo2 = torch.where(bad, -inf, inf)
         hi2 = torch.where(bad, inf, -inf)
-        again = _refine(keys, numels, values, ranks_t, lo2, hi2, work, visit)
-        result = torch.where(bad, again, result)
+        result = torch.where(bad, pass_.refine(lo2, hi2), result)
     return result
 
 
-def _refine(
-    keys: Sequence[str],
-    numels: Sequence[int],
-    values: ValuesFn,
-    ranks: Tensor,
-    lo: Tensor,
-    hi: Tensor,
-    work: _Counter,
-    visit: VisitFn | None = None,
-) -> Tensor:
-    """Count values below ``lo`` and keep those in [lo, hi], one cache-sized chunk at a time."""
-    rows, per_row = ranks.shape
-    is_max = [bool((ranks[:, j] == sum(numels) - 1).all()) for j in range(per_row)]
-    row_max = torch.full((rows,), -float("inf"))
-    below = torch.zeros(rows, per_row, dtype=torch.float64)
-    kept: list[list[Tensor]] = [[] for _ in range(per_row)]  # in-bracket values, row-major
-    counts: list[list[Tensor]] = [[] for _ in range(per_row)]  # how many of them per row
-    for key, n in zip(keys, numels, strict=True):
-        for where in chunks(n):
-            x = values(key, where)  # [T, chunk]
-            reach = None
-            if visit is not None:
-                if is_max[0]:  # no counting for rank 0: compute its reach here
-                    visit(key, where, torch.sub(x, lo[:, :1]).amax(dim=0))
-                else:
-                    reach = work.reach(x.shape[1])
-            for j in range(per_row):
-                if is_max[j]:
-                    torch.maximum(row_max, x.amax(dim=1), out=row_max)
-                    continue
-                lo_j, hi_j = lo[:, j : j + 1], hi[:, j : j + 1]
-                n_below, cols, inside = work.split(x, lo_j, hi_j, reach if j == 0 else None)
-                if j == 0 and reach is not None:
-                    visit(key, where, reach)
-                below[:, j] += n_below
-                kept[j].append(cols[inside])  # row-major: row t's values, then row t+1's
-                counts[j].append(inside.sum(dim=1))
-    out = torch.full((rows, per_row), float("nan"))
-    for j in range(per_row):
-        if is_max[j]:
-            out[:, j] = row_max
-            continue
-        vals = torch.cat(kept[j])
-        row_of = torch.repeat_interleave(
-            torch.arange(rows).repeat(len(counts[j])), torch.stack(counts[j]).reshape(-1)
+class _Tally:
+    """One thread's share of a counting pass: counts below ``lo``, candidates, row maxima."""
+
+    def __init__(self, rows: int, per_row: int, scratch: tuple[Tensor, Tensor] | None):
+        self.counter = _Counter(rows, scratch)
+        self.row_max = torch.full((rows,), -float("inf"))
+        self.below = torch.zeros(rows, per_row, dtype=torch.float64)
+        self.kept: list[list[Tensor]] = [[] for _ in range(per_row)]  # in-bracket values
+        self.counts: list[list[Tensor]] = [[] for _ in range(per_row)]  # how many per row
+
+
+class _Pass:
+    """The streaming step of :func:`kth_smallest_rows`: count below ``lo``, keep [lo, hi]."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        numels: Sequence[int],
+        values: ValuesFn,
+        ranks: Tensor,
+        visit: VisitFn | None,
+        scratch: Callable[[], tuple[Tensor, Tensor]] | None,
+        num_workers: int | None,
+    ):
+        self.values, self.ranks, self.visit, self.scratch = values, ranks, visit, scratch
+        self.num_workers = num_workers
+        self.jobs = [
+            (key, where) for key, n in zip(keys, numels, strict=True) for where in chunks(n)
+        ]
+        self.is_max = [bool((ranks[:, j] == sum(numels) - 1).all()) for j in range(ranks.shape[1])]
+
+    def refine(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Rank-th value per row, NaN where the rank does not fall inside [lo, hi]."""
+        rows, per_row = self.ranks.shape
+        tally = PerThread(
+            lambda: _Tally(rows, per_row, self.scratch() if self.scratch is not None else None)
         )
-        for t in range(rows):
-            c = vals[row_of == t]
-            r = int(ranks[t, j] - int(below[t, j]))
-            if 0 <= r < c.numel():
-                out[t, j] = c.kthvalue(r + 1).values
-    return out
+        stream(self.jobs, lambda job: self._chunk(job, lo, hi, tally()), self.num_workers)
+        out = torch.full((rows, per_row), float("nan"))
+        below = sum(t.below for t in tally.made)  # integer counts: exact in any order
+        for j in range(per_row):
+            if self.is_max[j]:
+                out[:, j] = torch.stack([t.row_max for t in tally.made]).amax(dim=0)
+                continue
+            vals = torch.cat([v for t in tally.made for v in t.kept[j]])  # row-major pieces
+            counts = torch.stack([c for t in tally.made for c in t.counts[j]])  # [pieces, T]
+            row_of = (
+                torch.arange(rows).repeat(counts.shape[0]).repeat_interleave(counts.reshape(-1))
+            )
+            for t in range(rows):
+                c = vals[row_of == t]
+                r = int(self.ranks[t, j] - int(below[t, j]))
+                if 0 <= r < c.numel():
+                    out[t, j] = c.kthvalue(r + 1).values
+        return out
+
+    def _chunk(self, job: tuple[str, slice], lo: Tensor, hi: Tensor, tally: _Tally) -> None:
+        key, where = job
+        x = self.values(key, where)  # [T, chunk]
+        reach = None
+        if self.visit is not None:
+            if self.is_max[0]:  # no counting for rank 0: compute its reach here
+                self.visit(key, where, torch.sub(x, lo[:, :1]).amax(dim=0))
+            else:
+                reach = tally.counter.reach(x.shape[1])
+        for j in range(len(self.is_max)):
+            if self.is_max[j]:
+                torch.maximum(tally.row_max, x.amax(dim=1), out=tally.row_max)
+                continue
+            lo_j, hi_j = lo[:, j : j + 1], hi[:, j : j + 1]
+            n_below, cols, inside = tally.counter.split(x, lo_j, hi_j, reach if j == 0 else None)
+            if j == 0 and reach is not None:
+                self.visit(key, where, reach)
+            tally.below[:, j] += n_below
+            tally.kept[j].append(cols[inside])  # row-major: row t's values, then row t+1's
+            tally.counts[j].append(inside.sum(dim=1))
 
 
 class _Counter:

@@ -27,7 +27,8 @@ differs from the paper's equations in ways that matter for the numbers:
   so per-task lambdas can be searched; PCB uses lambda ~ 1-1.3, as TIES with dis-mean).
 
 Every row statistic is over the whole model of a task, as in the code, and is computed exactly
-without building the [T, D] matrix (``_select``): three streaming passes over the tensors. The
+without building the [T, D] matrix (``_select``): three streaming passes over the tensors, each
+spread over a few threads (the result is the same bits for any number of threads). The
 streaming kernel (``_Balancer``) evaluates the pairwise sum through power sums of an odd
 polynomial that matches tanh on [-1, 1] to 2.2e-8 (:func:`tanh_odd_polynomial`): O(T) work per
 position instead of O(T^2). Against float64 its float32 pair sums are off by ~1e-6 for 8 tasks:
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, prepare, register
-from course_lib.merging._select import chunks, gather_columns, kth_smallest_rows
+from course_lib.merging._select import PerThread, chunks, gather_columns, kth_smallest_rows, stream
 from course_lib.state import StateDict, assemble, check_fraction, check_number, check_scaling
 
 Inter = Literal["pairwise", "sum"]
@@ -170,60 +171,77 @@ def pcb_merging(
     numels = [pretrained[k].numel() for k in keys_]
     total, num = sum(numels), len(finetuned)
 
-    buf = torch.empty(num, _select.CHUNK)
-    work = _Balancer(num, inter)
+    def tau_at(lane: _Lane, key: str, where: Tensor | slice) -> Tensor:
+        return delta_rows(pretrained, finetuned, key, where, lane.tau)
 
-    def tau_at(key: str, where: Tensor | slice) -> Tensor:
-        return delta_rows(pretrained, finetuned, key, where, buf)
-
+    # Every pass streams the model on several threads (_select.stream); each thread works in
+    # its own _Lane of buffers.
     # Pass 1: the clip bounds of |tau| per task.
+    clip_lanes = PerThread(lambda: _Lane(num, inter))
     lo_r, hi_r = clip_bounds_ranks(total, clip_quantile)
     bounds = kth_smallest_rows(
         keys_,
         numels,
-        lambda k, w: tau_at(k, w).abs_(),
+        lambda k, w: tau_at(clip_lanes(), k, w).abs_(),
         [[lo_r, hi_r]] * num,
-        scratch=work.scratch(),
+        scratch=lambda: clip_lanes().work.scratch(),
     )
-    work.set_bounds(bounds[:, 0], bounds[:, 1])
+    lanes = PerThread(lambda: _Lane(num, inter, bounds[:, 0], bounds[:, 1]))
 
     # Pass 2: drop threshold and maximum of beta per task. On the way, note which positions can
     # hold a kept entry in some task (beta above the threshold's lower bracket): pass 3 only
     # needs to recompute beta there, every other position merges to 0.
-    live: dict[str, Tensor] = {}
+    live = {k: torch.zeros(n, dtype=torch.bool) for k, n in zip(keys_, numels, strict=True)}
 
     def note_live(key: str, where: slice, reach: Tensor) -> None:
-        if key not in live:
-            live[key] = torch.zeros(pretrained[key].numel(), dtype=torch.bool)
-        live[key][where] |= reach >= 0
+        live[key][where] |= reach >= 0  # threads write disjoint slices
 
     stats = kth_smallest_rows(
         keys_,
         numels,
-        lambda k, w: work.beta(tau_at(k, w)),
+        lambda k, w: lanes().work.beta(tau_at(lanes(), k, w)),
         [[drop_rank(total, ratio), total - 1]] * num,
         visit=note_live,
-        scratch=work.scratch(),
+        scratch=lambda: lanes().work.scratch(),
     )
+    streamed = total > _select.DIRECT_LIMIT  # else the live marks were never set
 
     # Pass 3: weights and the weighted mean (at the live positions; all of them for small models).
+    tau_m = {k: torch.zeros(n) for k, n in zip(keys_, numels, strict=True)}
+
+    def merge_chunk(job: tuple[str, slice]) -> None:
+        key, where = job
+        lane = lanes()
+        if not streamed:
+            lane.work.merge(
+                tau_at(lane, key, where), stats[:, 0], stats[:, 1], lam, out=tau_m[key][where]
+            )
+            return
+        idx = live[key][where].nonzero().squeeze(1)
+        if idx.numel():
+            tau = gather_columns(tau_at(lane, key, where), idx, out=lane.cols)
+            merged_at = lane.row[: idx.numel()]
+            lane.work.merge(tau, stats[:, 0], stats[:, 1], lam, out=merged_at)
+            tau_m[key][where][idx] = merged_at
+
+    stream([(k, w) for k, n in zip(keys_, numels, strict=True) for w in chunks(n)], merge_chunk)
     merged: dict[str, Tensor] = {}
-    cols, row = torch.empty(num, _select.CHUNK), torch.empty(_select.CHUNK)
     for key in keys_:
-        tau_m = torch.zeros(pretrained[key].numel())
-        for where in chunks(tau_m.numel()):
-            if key not in live:
-                work.merge(tau_at(key, where), stats[:, 0], stats[:, 1], lam, out=tau_m[where])
-                continue
-            idx = live[key][where].nonzero().squeeze(1)
-            if idx.numel():
-                tau = gather_columns(tau_at(key, where), idx, out=cols)
-                merged_at = row[: idx.numel()]
-                work.merge(tau, stats[:, 0], stats[:, 1], lam, out=merged_at)
-                tau_m[where][idx] = merged_at
         base = pretrained[key]
-        merged[key] = tau_m.reshape(base.shape).add_(base.float()).to(base.dtype)
+        merged[key] = tau_m.pop(key).reshape(base.shape).add_(base.float()).to(base.dtype)
     return assemble(merged, p, pretrained)
+
+
+class _Lane:
+    """One streaming thread's buffers: a [T, CHUNK] block of task vectors, the PCB kernel,
+    and the gathered live columns of pass 3."""
+
+    def __init__(self, rows: int, inter: Inter, lo: Tensor | None = None, hi: Tensor | None = None):
+        self.tau = torch.empty(rows, _select.CHUNK)
+        self.work = _Balancer(rows, inter)
+        if lo is not None and hi is not None:
+            self.work.set_bounds(lo, hi)
+            self.cols, self.row = torch.empty(rows, _select.CHUNK), torch.empty(_select.CHUNK)
 
 
 class _Balancer:
@@ -244,6 +262,7 @@ class _Balancer:
     def set_bounds(self, lo: Tensor, hi: Tensor) -> None:
         self.lo, self.hi = lo.reshape(-1, 1).contiguous(), hi.reshape(-1, 1).contiguous()
         self.span = (self.hi - self.lo).clamp(min=EPS)
+        self.bounds = list(zip(lo.tolist(), hi.tolist(), strict=True))  # per-row Python floats
 
     def _buffers(self, m: int) -> None:
         if m > self.cols:
@@ -263,8 +282,8 @@ class _Balancer:
         t, m = tau.shape
         self._buffers(m)
         u = torch.abs(tau, out=self.u[:, :m])
-        for i in range(t):  # a = |tau| clipped to [lo, hi]; a scalar clamp per row is much
-            u[i].clamp_(min=float(self.lo[i]), max=float(self.hi[i]))  # faster than a broadcast
+        for row, (lo, hi) in zip(u, self.bounds, strict=True):  # a = |tau| clipped to [lo, hi];
+            row.clamp_(min=lo, max=hi)  # a scalar clamp per row is much faster than a broadcast
         if self.inter == "sum":  # tanh(tau_i * sum_j tau_j), on the unclipped tau
             inter = torch.sum(tau, dim=0, out=self.row[:m])
             torch.mul(tau, inter, out=self.acc[:, :m]).tanh_()

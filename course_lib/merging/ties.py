@@ -29,7 +29,13 @@ from torch import Tensor
 
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, deltas, prepare, register
-from course_lib.merging._select import chunks, kth_largest_count, kth_smallest_rows
+from course_lib.merging._select import (
+    PerThread,
+    chunks,
+    kth_largest_count,
+    kth_smallest_rows,
+    stream,
+)
 from course_lib.state import StateDict, assemble, check_fraction, check_number
 
 Aggregate = Literal["mean", "sum", "max"]
@@ -90,10 +96,10 @@ def global_thresholds(
     total = sum(numels)
     rank = total - kth_largest_count(total, density)  # 0-based ascending rank of v_t
 
-    buf = torch.empty(len(finetuned), _select.CHUNK)
+    bufs = PerThread(lambda: torch.empty(len(finetuned), _select.CHUNK))  # one per thread
 
     def magnitudes(key: str, where: Tensor | slice) -> Tensor:
-        return delta_rows(pretrained, finetuned, key, where, buf).abs_()
+        return delta_rows(pretrained, finetuned, key, where, bufs()).abs_()
 
     return kth_smallest_rows(keys, numels, magnitudes, [[rank]] * len(finetuned))[:, 0]
 
@@ -162,32 +168,30 @@ def _merge_global(
     signs of the model, known only at the end. Those positions are rare; their trimmed columns
     are kept aside and resolved after the pass.
     """
-    work = _Workspace(len(finetuned), _select.CHUNK)
+    works = PerThread(lambda: _Workspace(len(finetuned), _select.CHUNK))  # one per thread
     thr = thresholds.reshape(-1, 1)
-    sign_total = 0.0
-    pending: list[tuple[str, Tensor, Tensor]] = []
-    merged = {}
-    for key in keys:
-        out = torch.empty(pretrained[key].numel())
-        for where in chunks(out.numel()):
-            tau = delta_rows(pretrained, finetuned, key, where, work.tau)
-            gamma = work.trim_elect(tau, thr)  # tau is trimmed in place
-            sign_total += float(gamma.sum())
-            zero = gamma == 0
-            if zero.any():
-                idx = zero.nonzero().squeeze(1)
-                cols = tau[:, idx]
-                open_ = (cols != 0).any(dim=0)
-                if open_.any():
-                    pending.append((key, idx[open_] + where.start, cols[:, open_].clone()))
-            work.disjoint_merge(tau, gamma, aggregate, out[where])
-        merged[key] = out.reshape(pretrained[key].shape)
-    majority = torch.tensor(sign_total).sign()
-    for key, idx, cols in pending:
-        merged[key].reshape(-1)[idx] = disjoint_merge(
-            cols, majority.expand(cols.shape[1]), aggregate
-        )
-    return merged
+    merged = {key: torch.empty(pretrained[key].numel()) for key in keys}
+
+    def merge_chunk(job: tuple[str, slice]) -> None:
+        key, where = job
+        work = works()
+        tau = delta_rows(pretrained, finetuned, key, where, work.tau)
+        gamma = work.trim_elect(tau, thr)  # tau is trimmed in place
+        work.sign_total += float(gamma.sum())  # an integer: exact whatever the order
+        zero = gamma == 0
+        if zero.any():
+            idx = zero.nonzero().squeeze(1)
+            cols = tau[:, idx]
+            open_ = (cols != 0).any(dim=0)
+            if open_.any():
+                work.pending.append((key, idx[open_] + where.start, cols[:, open_].clone()))
+        work.disjoint_merge(tau, gamma, aggregate, merged[key][where])
+
+    stream([(k, w) for k in keys for w in chunks(merged[k].numel())], merge_chunk)
+    majority = torch.tensor(sum(w.sign_total for w in works.made)).sign()
+    for key, idx, cols in (item for w in works.made for item in w.pending):
+        merged[key][idx] = disjoint_merge(cols, majority.expand(cols.shape[1]), aggregate)
+    return {key: merged[key].reshape(pretrained[key].shape) for key in keys}
 
 
 class _Workspace:
@@ -204,6 +208,8 @@ class _Workspace:
         self.mask = torch.empty(rows, cols, dtype=torch.bool)
         self.gamma = torch.empty(cols)
         self.count = torch.empty(cols)
+        self.sign_total = 0.0  # sum of the elected signs of the chunks this thread merged
+        self.pending: list[tuple[str, Tensor, Tensor]] = []  # zero-sum columns, resolved last
 
     def trim_elect(self, tau: Tensor, thr: Tensor) -> Tensor:
         """Trim ``tau`` [T, m] in place (|tau| >= thr per row); return the elected sign [m]."""
