@@ -46,9 +46,8 @@ CHUNK = 1 << 16  # columns per streaming step: [8, CHUNK] floats = 2 MB, so that
 # processes: 10.3-13.2 s at 1 << 16, 10.1-15.1 s at 1 << 17; 1 << 18 was slower in one process.
 
 
-MAX_WORKERS = (
-    4  # more threads than this only add buffers: the passes are bound by memory and Python
-)
+# More threads than this mostly add buffers: the passes are bound by memory and by Python.
+MAX_WORKERS = 4
 
 
 def workers() -> int:
@@ -61,7 +60,7 @@ V = TypeVar("V")
 
 
 class PerThread(Generic[V]):
-    """``lane()`` returns the calling thread's own ``make()``, made on its first call.
+    """Calling it returns the calling thread's own ``make()``, made on the thread's first call.
 
     Each streaming worker needs its own buffers (a chunk's values, the counter's scratch);
     ``made`` lists every instance, so that per-thread partial results can be combined.
@@ -82,11 +81,11 @@ def stream(jobs: Iterable[J], step: Callable[[J], None], num_workers: int | None
     """Call ``step(job)`` for every job, on ``num_workers`` threads (default :func:`workers`).
 
     The threads take jobs from one shared iterator, so a thread that drew small tensors takes
-    more of them. Each runs PyTorch single-threaded: on this course's 2-core machine two
-    chunks processed side by side by one thread each go faster than one chunk at a time on
-    two threads (the [T, chunk] operations are too short to split well). ``step`` must be safe
-    to call from several threads at once (see :class:`PerThread`); the first exception stops
-    every thread and is raised here.
+    more of them. Each runs PyTorch single-threaded: a [T, chunk] operation is too short to
+    split well over threads, and the Python between operations then runs while the other
+    thread computes (PCB on the ViT-B/32 benchmark, 2 cores: about 6% faster than one chunk at
+    a time on two PyTorch threads). ``step`` must be safe to call from several threads at once
+    (see :class:`PerThread`); the first exception stops every thread and is raised here.
     """
     n = workers() if num_workers is None else num_workers
     jobs = iter(jobs)

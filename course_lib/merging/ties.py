@@ -162,7 +162,7 @@ def _merge_global(
     thresholds: Tensor,
     aggregate: Aggregate,
 ) -> dict[str, Tensor]:
-    """tau_m with model-wide thresholds, streamed in cache-sized chunks.
+    """tau_m with model-wide thresholds, streamed in cache-sized chunks on a few threads.
 
     Where the trimmed sum is exactly 0 the elected sign is the sign of the sum of *all* elected
     signs of the model, known only at the end. Those positions are rare; their trimmed columns
