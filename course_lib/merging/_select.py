@@ -126,6 +126,11 @@ def chunks(numel: int, size: int | None = None) -> list[slice]:
     return [slice(s, min(numel, s + size)) for s in range(0, numel, size)]
 
 
+def chunk_jobs(keys: Sequence[str], numels: Sequence[int]) -> list[tuple[str, slice]]:
+    """Every (key, chunk) of a model, in order: the jobs of one streaming pass (:func:`stream`)."""
+    return [(key, where) for key, n in zip(keys, numels, strict=True) for where in chunks(n)]
+
+
 def gather_columns(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
     """``x[:, idx]`` for a [T, m] matrix, written into ``out`` ([T, >= len(idx)]) when given.
 
@@ -234,9 +239,7 @@ class _Pass:
     ):
         self.values, self.ranks, self.visit, self.scratch = values, ranks, visit, scratch
         self.num_workers = num_workers
-        self.jobs = [
-            (key, where) for key, n in zip(keys, numels, strict=True) for where in chunks(n)
-        ]
+        self.jobs = chunk_jobs(keys, numels)
         self.is_max = [bool((ranks[:, j] == sum(numels) - 1).all()) for j in range(ranks.shape[1])]
 
     def refine(self, lo: Tensor, hi: Tensor) -> Tensor:

@@ -46,7 +46,13 @@ from torch import Tensor
 
 from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, prepare, register
-from course_lib.merging._select import PerThread, chunks, gather_columns, kth_smallest_rows, stream
+from course_lib.merging._select import (
+    PerThread,
+    chunk_jobs,
+    gather_columns,
+    kth_smallest_rows,
+    stream,
+)
 from course_lib.state import StateDict, assemble, check_fraction, check_number, check_scaling
 
 Inter = Literal["pairwise", "sum"]
@@ -191,6 +197,7 @@ def pcb_merging(
     # Pass 2: drop threshold and maximum of beta per task. On the way, note which positions can
     # hold a kept entry in some task (beta above the threshold's lower bracket): pass 3 only
     # needs to recompute beta there, every other position merges to 0.
+    streamed = total > _select.DIRECT_LIMIT  # else no chunk is visited and nothing is marked
     live = {k: torch.zeros(n, dtype=torch.bool) for k, n in zip(keys_, numels, strict=True)}
 
     def note_live(key: str, where: slice, reach: Tensor) -> None:
@@ -204,7 +211,6 @@ def pcb_merging(
         visit=note_live,
         scratch=lambda: lanes().work.scratch(),
     )
-    streamed = total > _select.DIRECT_LIMIT  # else the live marks were never set
 
     # Pass 3: weights and the weighted mean (at the live positions; all of them for small models).
     tau_m = {k: torch.zeros(n) for k, n in zip(keys_, numels, strict=True)}
@@ -224,7 +230,7 @@ def pcb_merging(
             lane.work.merge(tau, stats[:, 0], stats[:, 1], lam, out=merged_at)
             tau_m[key][where][idx] = merged_at
 
-    stream([(k, w) for k, n in zip(keys_, numels, strict=True) for w in chunks(n)], merge_chunk)
+    stream(chunk_jobs(keys_, numels), merge_chunk)
     merged: dict[str, Tensor] = {}
     for key in keys_:
         base = pretrained[key]
@@ -260,8 +266,8 @@ class _Balancer:
         self.coef_col = torch.tensor(self.coef).reshape(-1, 1)
 
     def set_bounds(self, lo: Tensor, hi: Tensor) -> None:
-        self.lo, self.hi = lo.reshape(-1, 1).contiguous(), hi.reshape(-1, 1).contiguous()
-        self.span = (self.hi - self.lo).clamp(min=EPS)
+        self.lo = lo.reshape(-1, 1).contiguous()
+        self.span = (hi.reshape(-1, 1) - self.lo).clamp(min=EPS)
         self.bounds = list(zip(lo.tolist(), hi.tolist(), strict=True))  # per-row Python floats
 
     def _buffers(self, m: int) -> None:

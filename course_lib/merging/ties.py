@@ -31,7 +31,7 @@ from course_lib.merging import _select
 from course_lib.merging._base import delta_rows, deltas, prepare, register
 from course_lib.merging._select import (
     PerThread,
-    chunks,
+    chunk_jobs,
     kth_largest_count,
     kth_smallest_rows,
     stream,
@@ -187,7 +187,7 @@ def _merge_global(
                 work.pending.append((key, idx[open_] + where.start, cols[:, open_].clone()))
         work.disjoint_merge(tau, gamma, aggregate, merged[key][where])
 
-    stream([(k, w) for k in keys for w in chunks(merged[k].numel())], merge_chunk)
+    stream(chunk_jobs(keys, [merged[k].numel() for k in keys]), merge_chunk)
     majority = torch.tensor(sum(w.sign_total for w in works.made)).sign()
     for key, idx, cols in (item for w in works.made for item in w.pending):
         merged[key][idx] = disjoint_merge(cols, majority.expand(cols.shape[1]), aggregate)
