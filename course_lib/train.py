@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from course_lib.config import progress_bar
+from course_lib.config import progress_bar, torch_threads
 from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy
 from course_lib.models.vision import ZeroShotClassifier, cosine_schedule
@@ -33,6 +33,8 @@ class FinetuneConfig:
     warmup_steps: int = 20
     label_smoothing: float = 0.0
     seed: int = 0
+    threads: int | None = 1  # PyTorch CPU threads while training: 1 gives the same bits on any
+    # machine (None: whatever the process uses); the zoo trains several experts side by side
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +58,17 @@ def finetune(
     progress: bool = True,
 ) -> tuple[dict[str, Tensor], FinetuneHistory]:
     """Fine-tune ``model.encoder`` on ``task`` (head frozen); return the best encoder state."""
+    with torch_threads(cfg.threads):
+        return _finetune(model, task, cfg, device, progress)
+
+
+def _finetune(
+    model: ZeroShotClassifier,
+    task: VisionTask,
+    cfg: FinetuneConfig,
+    device: torch.device | str,
+    progress: bool,
+) -> tuple[dict[str, Tensor], FinetuneHistory]:
     torch.manual_seed(cfg.seed)
     model = model.to(device)
     params = [p for p in model.encoder.parameters() if p.requires_grad]

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from course_lib.files import atomic_path, save_tensors
 from course_lib.models import zoo as zoo_mod
@@ -27,6 +28,7 @@ TINY = ZooConfig(
     sizes=(("train", 32), ("val", 16), ("test", 16)),
     tasks=("digits", "shapes", "colors"),
 )  # fmt: skip
+THREADS = torch.get_num_threads()
 
 
 class Counter:
@@ -45,7 +47,7 @@ class Counter:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    build_zoo(TINY, root, progress=False, log=lambda s: None)
+    build_zoo(TINY, root, progress=False, log=lambda s: None, workers=2)  # 2 processes
     return root
 
 
@@ -67,6 +69,7 @@ def test_load_gives_theta0_experts_heads_and_tasks(built):
 
 def test_loading_a_built_zoo_trains_nothing(built, monkeypatch):
     monkeypatch.setattr(zoo_mod, "finetune", Counter(zoo_mod.finetune, fail_on=1))
+    monkeypatch.setattr(zoo_mod, "_expert_workers", lambda *args: 1)  # in this process
     load_zoo("mini", cfg=TINY, root=built, progress=False)
 
 
@@ -79,11 +82,11 @@ def test_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     root = tmp_path / "zoo"
     monkeypatch.setattr(zoo_mod, "finetune", Counter(zoo_mod.finetune, fail_on=2))
     with pytest.raises(KeyboardInterrupt):
-        build_zoo(TINY, root, progress=False, log=lambda s: None)
+        build_zoo(TINY, root, progress=False, log=lambda s: None, workers=1)
     assert not list(root.glob("expert_shapes*")), "a half-written expert must not appear"
     counter = Counter(zoo_mod.finetune)
     monkeypatch.setattr(zoo_mod, "finetune", counter)
-    build_zoo(TINY, root, progress=False, log=lambda s: None)
+    build_zoo(TINY, root, progress=False, log=lambda s: None, workers=1)
     assert counter.calls == 2  # shapes and colors; digits was kept
     assert verify_zoo(root) == []
 
@@ -96,7 +99,7 @@ def test_corrupted_file_is_detected_and_rebuilt(built, monkeypatch):
     assert verify_zoo(built) == ["expert_colors.safetensors"]
     counter = Counter(zoo_mod.finetune)
     monkeypatch.setattr(zoo_mod, "finetune", counter)
-    build_zoo(TINY, built, progress=False, log=lambda s: None)
+    build_zoo(TINY, built, progress=False, log=lambda s: None, workers=1)
     assert counter.calls == 1
     assert verify_zoo(built) == []
 
@@ -109,9 +112,52 @@ def test_changed_config_rebuilds_everything(tmp_path, monkeypatch):
     assert changed.digest() != small.digest()
     counter = Counter(zoo_mod.finetune)
     monkeypatch.setattr(zoo_mod, "finetune", counter)
-    build_zoo(changed, root, progress=False, log=lambda s: None)
+    build_zoo(changed, root, progress=False, log=lambda s: None, workers=1)
     assert counter.calls == 1
     assert '"lr": 0.0001' in (root / "manifest.json").read_text()
+
+
+def test_experts_are_the_same_bits_for_any_number_of_workers(built, tmp_path):
+    """Each expert trains on one thread, in or out of a worker process: the zoo built by two
+    worker processes (the fixture) equals one built in this process, one expert after another."""
+    root = tmp_path / "zoo"
+    build_zoo(TINY, root, progress=False, log=lambda s: None, workers=1)
+    for name in TINY.tasks:
+        a = load_file(str(built / f"expert_{name}.safetensors"))
+        b = load_file(str(root / f"expert_{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert torch.get_num_threads() == THREADS  # the thread count of this process is restored
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    from course_lib.config import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("restored on errors too")
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_how_many_experts_train_at_once(monkeypatch):
+    ft = TINY.finetune  # threads=1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert zoo_mod._expert_workers(8, None, ft) == zoo_mod.MAX_EXPERT_WORKERS == 4
+    assert zoo_mod._expert_workers(3, None, ft) == 3  # never more workers than experts
+    assert zoo_mod._expert_workers(8, 2, ft) == 2  # asked for
+    assert zoo_mod._expert_workers(8, None, dataclasses.replace(ft, threads=8)) == 2
+    assert zoo_mod._expert_workers(8, None, dataclasses.replace(ft, threads=None)) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert zoo_mod._expert_workers(8, None, ft) == 1  # one thread: in this process
+
+
+def test_an_error_in_a_worker_process_reaches_the_caller(built):
+    jobs = zoo_mod._finetune_experts(built, ["digits", "no_such_task"], TINY.finetune, 2, False)
+    with pytest.raises(KeyError, match="no_such_task"):  # it has no head
+        list(jobs)
 
 
 def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):

@@ -31,6 +31,8 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
+from course_lib.config import torch_threads
+
 # values(key, where) -> Tensor[T, m]: the values of one tensor at flat positions ``where``, an
 # index tensor or a ``slice`` of the flattened tensor. Row t belongs to task t. The result may be
 # a reused buffer of the calling thread, overwritten by its next call: callers copy what they keep.
@@ -107,14 +109,9 @@ def stream(jobs: Iterable[J], step: Callable[[J], None], num_workers: int | None
                 failed.set()
                 raise
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(n, thread_name_prefix="course_lib-stream") as pool:
-            for future in [pool.submit(run) for _ in range(n)]:
-                future.result()
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), ThreadPoolExecutor(n, thread_name_prefix="course_lib-stream") as pool:
+        for future in [pool.submit(run) for _ in range(n)]:
+            future.result()
 
 
 _DONE = object()
