@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
 
 import pytest
 import torch
@@ -158,6 +159,7 @@ def test_an_error_in_a_worker_process_reaches_the_caller(built):
     jobs = zoo_mod._finetune_experts(built, ["digits", "no_such_task"], TINY.finetune, 2, False)
     with pytest.raises(KeyError, match="no_such_task"):  # it has no head
         list(jobs)
+    assert not multiprocessing.active_children()  # the workers were stopped, not left running
 
 
 def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):

@@ -294,26 +294,23 @@ def _finetune_experts(
     workers = _expert_workers(len(names), workers, ft)
     if workers == 1:
         for name in names:
-            yield name, *_train_expert(root, name, ft, progress)
+            yield _train_expert(root, name, ft, progress)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # spawn, not fork: a forked child inherits PyTorch's thread pool in an unusable state
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx)
-    try:
-        futures = {pool.submit(_train_expert, root, n, ft, False): n for n in names}
-        for fut in as_completed(futures):
-            yield futures[fut], *fut.result()
-    finally:  # on an error, start no further expert (the finished ones are saved)
-        pool.shutdown(wait=True, cancel_futures=True)
+    # spawn, not fork: a forked child inherits PyTorch's thread pool in an unusable state.
+    # Leaving the block terminates the workers: an error or an interrupt stops them at once
+    # (the experts that finished are saved by the caller as they come).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        job = functools.partial(_train_expert, root, ft=ft, progress=False)
+        yield from pool.imap_unordered(job, names)
 
 
 def _train_expert(
     root: Path, name: str, ft: FinetuneConfig, progress: bool
-) -> tuple[dict[str, Tensor], FinetuneHistory, float]:
-    """Fine-tune the expert of ``name`` from what the zoo in ``root`` holds, on one thread."""
+) -> tuple[str, dict[str, Tensor], FinetuneHistory, float]:
+    """Fine-tune the expert of ``name`` from what the zoo in ``root`` holds (on ``ft.threads``
+    PyTorch threads: :func:`course_lib.train.finetune`); return name, state, history, seconds."""
     t0 = time.perf_counter()
     clip, _ = _load_mini_clip(root)
     head = load_file(str(root / "heads.safetensors"))[name]
@@ -321,7 +318,7 @@ def _train_expert(
     encoder = hub.build_image_encoder(hub.encoder_config(clip), hub.image_encoder_state(clip))
     model = ZeroShotClassifier(encoder, head, scale)
     state, hist = finetune(model, _load_task(root, name), ft, progress=progress)
-    return state, hist, time.perf_counter() - t0
+    return name, state, hist, time.perf_counter() - t0
 
 
 def _summary(hist: FinetuneHistory) -> dict:
