@@ -250,8 +250,6 @@ def build_zoo(
         }
         save_tensors(root / "heads.safetensors", heads)
         man.record("heads.safetensors")
-    scale = clip.logit_scale.detach().exp().clamp(max=100.0).item()
-
     # 4. One expert per task, several at once (each on one thread: see _expert_workers).
     pending = [n for n in tasks if not man.valid(f"expert_{n}.safetensors")]
     bar = progress_bar(total=len(pending), desc="experts", progress=progress and len(pending) > 1)
@@ -263,7 +261,7 @@ def build_zoo(
         bar.update()
     bar.close()
     man.data["info"]["build_seconds_last_run"] = round(time.perf_counter() - t_all, 1)
-    man.data["info"]["logit_scale"] = scale
+    man.data["info"]["logit_scale"] = _head_scale(clip)
     man.save()
     return root
 
@@ -314,11 +312,16 @@ def _train_expert(
     t0 = time.perf_counter()
     clip, _ = _load_mini_clip(root)
     head = load_file(str(root / "heads.safetensors"))[name]
-    scale = clip.logit_scale.detach().exp().clamp(max=100.0).item()
     encoder = hub.build_image_encoder(hub.encoder_config(clip), hub.image_encoder_state(clip))
-    model = ZeroShotClassifier(encoder, head, scale)
+    model = ZeroShotClassifier(encoder, head, _head_scale(clip))
     state, hist = finetune(model, _load_task(root, name), ft, progress=progress)
     return name, state, hist, time.perf_counter() - t0
+
+
+def _head_scale(clip: CLIPModel) -> float:
+    """The mini-CLIP's learned logit scale exp(t), clamped at 100 as in its pretraining loss:
+    what the zero-shot heads multiply their cosines by (recorded in the manifest's info)."""
+    return clip.logit_scale.detach().exp().clamp(max=100.0).item()
 
 
 def _summary(hist: FinetuneHistory) -> dict:
