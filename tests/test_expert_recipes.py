@@ -1,0 +1,86 @@
+"""tools/expert_recipes.py: retrain the mini world's experts with another recipe, on a tiny zoo."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_zoo import TINY
+
+from course_lib.models.zoo import build_zoo, load_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "expert_recipes", ROOT / "tools" / "expert_recipes.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["expert_recipes"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    build_zoo(TINY, root, progress=False, log=lambda s: None, workers=1)
+    return root
+
+
+def _run(tool, root, out, *extra):
+    return tool.main(["--out", str(out), "--root", str(root), "--workers", "1", "--limit", "8",
+                      *extra])  # fmt: skip
+
+
+@pytest.fixture
+def tool():
+    return _tool()
+
+
+def test_parse_overrides_types_and_errors(tool):
+    got = tool.parse_overrides(["lr=1e-3", "batch_size=32", "threads=none", "epochs=3"])
+    assert got == {"lr": 0.001, "batch_size": 32, "threads": None, "epochs": 3}
+    assert isinstance(got["batch_size"], int) and isinstance(got["lr"], float)
+    with pytest.raises(ValueError, match="'learning_rate=1'"):
+        tool.parse_overrides(["learning_rate=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        tool.parse_overrides(["lr"])
+    with pytest.raises(ValueError, match="'epochs=2.5': epochs takes int values"):
+        tool.parse_overrides(["epochs=2.5"])
+
+
+def test_the_zoo_recipe_gives_the_zoo_experts_bit_for_bit(tool, tiny_zoo, tmp_path):
+    result = _run(tool, tiny_zoo, tmp_path)
+    zoo = load_zoo("mini", cfg=TINY, root=tiny_zoo, build=False, progress=False)
+    for name in TINY.tasks:
+        trial = load_file(str(tmp_path / f"expert_{name}.safetensors"))
+        for key, value in zoo.experts[name].items():
+            assert torch.equal(trial[key], value), (name, key)
+    assert set(result) >= {"zero-shot", "experts", "weight averaging", "task arithmetic"}
+    assert list(result["per expert"]) == list(TINY.tasks)
+    assert result["tau/theta0"] > 0
+    assert set(result["task arithmetic"]) == set(tool.LAMBDAS_TA)
+
+
+def test_a_changed_recipe_and_frozen_parameters(tool, tiny_zoo, tmp_path):
+    _run(tool, tiny_zoo, tmp_path, "lr=1e-2", "--freeze", r"embeddings\.", "--head-scale", "50")
+    zoo = load_zoo("mini", cfg=TINY, root=tiny_zoo, build=False, progress=False)
+    trial = load_file(str(tmp_path / "expert_digits.safetensors"))
+    frozen = [k for k in trial if "embeddings." in k]
+    assert frozen, "the tiny encoder has embedding parameters"
+    for key in frozen:
+        assert torch.equal(trial[key], zoo.pretrained[key]), key
+    moved = [k for k in trial if not torch.equal(trial[k], zoo.experts["digits"][k])]
+    assert moved, "another learning rate must give another expert"
+
+
+def test_the_recipe_starts_from_the_zoo_manifest(tool, tiny_zoo, tmp_path):
+    cfg = tool.zoo_config(tiny_zoo)
+    assert cfg.digest() == TINY.digest()
+    assert cfg.finetune == TINY.finetune  # epochs=1: TINY's recipe, not the default
+    with pytest.raises(FileNotFoundError, match="make zoo"):
+        tool.zoo_config(tmp_path)

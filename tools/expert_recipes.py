@@ -1,0 +1,191 @@
+"""Try another fine-tuning recipe for the mini world's experts, and see what merging makes of it.
+
+The static merges of the mini world stay near zero-shot (README, "Results of `make course`"):
+the eight task vectors of so small an encoder interfere. This tool is for whoever wants to take
+that question further. It fine-tunes the eight experts again from the zoo's theta_0 with a
+changed recipe, side by side in worker processes as the zoo does, and prints on the validation
+split (the first ``VAL_LIMIT`` examples of each task, as every lambda search of the course):
+zero-shot, each expert, ||tau|| / ||theta_0||, weight averaging and the lambda curves of task
+arithmetic, TIES and PCB, each merge evaluated with the frozen zero-shot heads. The built zoo in
+``data/cache/mini`` is only read; the trial's experts go to ``--out`` (a rerun resumes there).
+
+    python tools/expert_recipes.py --out /tmp/trial                    # the zoo's own recipe
+    python tools/expert_recipes.py --out /tmp/lr1e-3 lr=1e-3 batch_size=32
+    python tools/expert_recipes.py --out /tmp/scale100 --head-scale 100
+    python tools/expert_recipes.py --out /tmp/frozen --freeze embeddings lr=1e-3
+
+``key=value`` changes a field of :class:`course_lib.train.FinetuneConfig` (the zoo's recipe,
+read from its manifest, is the starting point). ``--head-scale`` is
+the logit scale the head is *trained* with (evaluation takes the argmax, which no scale
+changes); ``--freeze REGEX`` keeps the matching encoder parameters at theta_0. With no option
+the experts are the zoo's, bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import multiprocessing
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from course_lib.experiments import LAMBDAS_TA, LAMBDAS_TIES, VAL_LIMIT, mean
+from course_lib.files import save_tensors
+from course_lib.merging import pcb_merging, task_arithmetic, ties_merging, weight_average
+from course_lib.models import hub
+from course_lib.models import zoo as zoo_mod
+from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier
+from course_lib.models.zoo import ZooConfig
+from course_lib.train import FinetuneConfig, finetune
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the trial's experts are fine-tuned: the zoo's recipe with some changes."""
+
+    finetune: FinetuneConfig = FinetuneConfig()  # main() starts from the zoo's own
+    head_scale: float | None = None  # None: the zoo's (the pretrained CLIP's logit scale)
+    freeze: str | None = None  # regex over encoder parameter names kept at theta_0
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``["lr=1e-3", "epochs=3"]`` -> ``{"lr": 0.001, "epochs": 3}``, typed like the fields of
+    :class:`FinetuneConfig`; an unknown field or a malformed item raises ``ValueError``."""
+    defaults = FinetuneConfig().to_dict()
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"{item!r}: expected key=value with key one of {sorted(defaults)}")
+        kind = int if isinstance(defaults[key], int) or defaults[key] is None else float
+        try:
+            out[key] = None if raw.lower() == "none" else kind(raw)
+        except ValueError:
+            raise ValueError(f"{item!r}: {key} takes {kind.__name__} values") from None
+    return out
+
+
+def zoo_config(root: Path) -> ZooConfig:
+    """The configuration the zoo in ``root`` was built with, read from its manifest (its digest
+    is checked): the trial starts from that zoo's fine-tuning recipe, not from the defaults."""
+    manifest = root / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no built zoo in {root}: run `make zoo` first")
+    data = json.loads(manifest.read_text())
+    c = data["config"]
+    cfg = ZooConfig(
+        clip=MiniClipConfig(**c["clip"]),
+        finetune=FinetuneConfig(**c["finetune"]),
+        sizes=tuple(c["sizes"].items()),
+        tasks=tuple(c["tasks"]),
+        data_seed=c["data_seed"],
+    )
+    if cfg.digest() != data["config_hash"]:
+        raise ValueError(f"{manifest}: its config does not hash to its config_hash")
+    return cfg
+
+
+def train_expert(root: Path, name: str, recipe: Recipe) -> tuple[str, dict, list, float]:
+    """Fine-tune the expert of ``name`` from the zoo in ``root`` with ``recipe``; return its
+    name, encoder state, validation accuracy per epoch and seconds."""
+    t0 = time.perf_counter()
+    clip, _ = zoo_mod._load_mini_clip(root)
+    head = load_file(str(root / "heads.safetensors"))[name]
+    encoder = hub.build_image_encoder(hub.encoder_config(clip), hub.image_encoder_state(clip))
+    if recipe.freeze:
+        for key, p in encoder.named_parameters():
+            if re.search(recipe.freeze, key):
+                p.requires_grad_(False)
+    scale = recipe.head_scale or zoo_mod._head_scale(clip)
+    model = ZeroShotClassifier(encoder, head, scale)
+    task = zoo_mod._load_task(root, name)
+    state, hist = finetune(model, task, recipe.finetune, progress=False)
+    return name, state, hist.val_accuracy, time.perf_counter() - t0
+
+
+def train_experts(
+    root: Path, out: Path, names: Sequence[str], recipe: Recipe, workers: int
+) -> Iterator[tuple[str, list, float]]:
+    """Train the experts missing from ``out``, ``workers`` at a time; save each as it comes."""
+    todo = [n for n in names if not (out / f"expert_{n}.safetensors").exists()]
+    job = functools.partial(train_expert, root, recipe=recipe)
+    if workers <= 1 or len(todo) <= 1:
+        results = map(job, todo)
+        yield from _save(out, results)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+        yield from _save(out, pool.imap_unordered(job, todo))
+
+
+def _save(out: Path, results) -> Iterator[tuple[str, list, float]]:
+    for name, state, val, seconds in results:
+        save_tensors(out / f"expert_{name}.safetensors", state)
+        yield name, val, seconds
+
+
+def relative_norm(pre: dict[str, Tensor], expert: dict[str, Tensor]) -> float:
+    """||theta_t - theta_0|| / ||theta_0|| over every tensor of the encoder."""
+    num = sum(float(((expert[k] - v) ** 2).sum()) for k, v in pre.items())
+    den = sum(float((v**2).sum()) for v in pre.values())
+    return (num / den) ** 0.5
+
+
+def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT) -> dict[str, object]:
+    """Validation means (%) of zero-shot, the experts, averaging and every lambda of TA, TIES
+    and PCB for the experts in ``zoo`` (the course's grids and defaults)."""
+    pre, fts = zoo.pretrained, zoo.finetuned()
+
+    def val(state) -> float:
+        return round(mean(zoo.evaluate(state, "val", limit=limit)), 1)
+
+    experts = {t: zoo.evaluate(zoo.experts[t], "val", [t], limit=limit)[t] for t in zoo.tasks}
+    return {
+        "zero-shot": val(pre),
+        "experts": round(mean(experts), 1),
+        "per expert": {t: round(a, 1) for t, a in experts.items()},
+        "tau/theta0": round(mean({t: relative_norm(pre, e) for t, e in zoo.experts.items()}), 3),
+        "weight averaging": val(weight_average(fts)),
+        "task arithmetic": {lam: val(task_arithmetic(pre, fts, lam)) for lam in LAMBDAS_TA},
+        "TIES-Merging": {lam: val(ties_merging(pre, fts, 0.2, lam)) for lam in LAMBDAS_TIES},
+        "PCB-Merging": {lam: val(pcb_merging(pre, fts, 0.1, lam)) for lam in LAMBDAS_TIES},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("overrides", nargs="*", help="FinetuneConfig fields, e.g. lr=1e-3")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the trial's experts")
+    ap.add_argument("--root", type=Path, default=None, help="the built zoo (data/cache/mini)")
+    ap.add_argument("--head-scale", type=float, default=None)
+    ap.add_argument("--freeze", default=None, help="regex of encoder parameters not trained")
+    ap.add_argument("--workers", type=int, default=max(1, torch.get_num_threads()))
+    ap.add_argument("--limit", type=int, default=VAL_LIMIT, help="val examples per task")
+    args = ap.parse_args(argv)
+
+    root = args.root or zoo_mod.cache_dir("mini")
+    cfg = zoo_config(root)
+    ft = dataclasses.replace(cfg.finetune, **parse_overrides(args.overrides))
+    recipe = Recipe(ft, args.head_scale, args.freeze)
+    zoo = zoo_mod.load_zoo("mini", cfg=cfg, root=root, build=False, progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"recipe: {recipe}", flush=True)
+    for name, val, seconds in train_experts(root, args.out, zoo.task_names, recipe, args.workers):
+        print(f"  expert {name}: val per epoch {[round(v, 1) for v in val]}, {seconds:.0f} s")
+    experts = {n: load_file(str(args.out / f"expert_{n}.safetensors")) for n in zoo.task_names}
+    trial = dataclasses.replace(zoo, experts=experts)
+    result = report(trial, args.limit)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
