@@ -84,3 +84,16 @@ def test_the_recipe_starts_from_the_zoo_manifest(tool, tiny_zoo, tmp_path):
     assert cfg.finetune == TINY.finetune  # epochs=1: TINY's recipe, not the default
     with pytest.raises(FileNotFoundError, match="make zoo"):
         tool.zoo_config(tmp_path)
+
+
+def test_bad_recipes_and_a_reused_folder_are_refused(tool, tiny_zoo, tmp_path):
+    with pytest.raises(ValueError, match="head_scale must be > 0"):
+        tool.Recipe(head_scale=0.0)
+    with pytest.raises(ValueError, match="'no_such_layer' matches no encoder parameter"):
+        _run(tool, tiny_zoo, tmp_path / "a", "--freeze", "no_such_layer")
+    _run(tool, tiny_zoo, tmp_path / "b", "epochs=1")
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("expert_*")}
+    _run(tool, tiny_zoo, tmp_path / "b", "epochs=1")  # the same recipe resumes: nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("expert_*")} == saved
+    with pytest.raises(ValueError, match="another recipe or zoo"):
+        _run(tool, tiny_zoo, tmp_path / "b", "lr=1e-2")

@@ -38,8 +38,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from course_lib.config import progress_bar
 from course_lib.experiments import LAMBDAS_TA, LAMBDAS_TIES, VAL_LIMIT, mean
-from course_lib.files import save_tensors
+from course_lib.files import save_tensors, write_json
 from course_lib.merging import pcb_merging, task_arithmetic, ties_merging, weight_average
 from course_lib.models import hub
 from course_lib.models import zoo as zoo_mod
@@ -55,6 +56,15 @@ class Recipe:
     finetune: FinetuneConfig = FinetuneConfig()  # main() starts from the zoo's own
     head_scale: float | None = None  # None: the zoo's (the pretrained CLIP's logit scale)
     freeze: str | None = None  # regex over encoder parameter names kept at theta_0
+
+    def __post_init__(self):
+        if self.head_scale is not None and not self.head_scale > 0:
+            raise ValueError(f"head_scale must be > 0, got {self.head_scale!r}")
+        if self.freeze is not None:
+            re.compile(self.freeze)  # a malformed regex fails here, not in a worker
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
@@ -102,9 +112,12 @@ def train_expert(root: Path, name: str, recipe: Recipe) -> tuple[str, dict, list
     head = load_file(str(root / "heads.safetensors"))[name]
     encoder = hub.build_image_encoder(hub.encoder_config(clip), hub.image_encoder_state(clip))
     if recipe.freeze:
-        for key, p in encoder.named_parameters():
-            if re.search(recipe.freeze, key):
-                p.requires_grad_(False)
+        frozen = [p for k, p in encoder.named_parameters() if re.search(recipe.freeze, k)]
+        if not frozen:
+            names = [k for k, _ in encoder.named_parameters()]
+            raise ValueError(f"--freeze {recipe.freeze!r} matches no encoder parameter: {names}")
+        for p in frozen:
+            p.requires_grad_(False)
     scale = recipe.head_scale or zoo_mod._head_scale(clip)
     model = ZeroShotClassifier(encoder, head, scale)
     task = zoo_mod._load_task(root, name)
@@ -115,7 +128,18 @@ def train_expert(root: Path, name: str, recipe: Recipe) -> tuple[str, dict, list
 def train_experts(
     root: Path, out: Path, names: Sequence[str], recipe: Recipe, workers: int
 ) -> Iterator[tuple[str, list, float]]:
-    """Train the experts missing from ``out``, ``workers`` at a time; save each as it comes."""
+    """Train the experts missing from ``out``, ``workers`` at a time; save each as it comes.
+
+    ``out/recipe.json`` records the recipe and the zoo: a rerun with the same ones resumes, one
+    with another recipe or zoo is refused (its experts would be mixed with the old ones)."""
+    claim = {"recipe": recipe.to_dict(), "zoo": zoo_config(root).digest()}
+    record = out / "recipe.json"
+    if record.exists() and json.loads(record.read_text()) != claim:
+        raise ValueError(
+            f"{out} holds experts of another recipe or zoo ({record.read_text().strip()}); "
+            "choose another --out"
+        )
+    write_json(record, claim, indent=1, sort_keys=True)
     todo = [n for n in names if not (out / f"expert_{n}.safetensors").exists()]
     job = functools.partial(train_expert, root, recipe=recipe)
     if workers <= 1 or len(todo) <= 1:
@@ -133,22 +157,27 @@ def _save(out: Path, results) -> Iterator[tuple[str, list, float]]:
 
 
 def relative_norm(pre: dict[str, Tensor], expert: dict[str, Tensor]) -> float:
-    """||theta_t - theta_0|| / ||theta_0|| over every tensor of the encoder."""
-    num = sum(float(((expert[k] - v) ** 2).sum()) for k, v in pre.items())
-    den = sum(float((v**2).sum()) for v in pre.values())
+    """||theta_t - theta_0|| / ||theta_0|| over the encoder's floating-point tensors."""
+    weights = {k: v for k, v in pre.items() if v.is_floating_point()}
+    num = sum(float(((expert[k] - v) ** 2).sum()) for k, v in weights.items())
+    den = sum(float((v**2).sum()) for v in weights.values())
     return (num / den) ** 0.5
 
 
-def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT) -> dict[str, object]:
+def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT, progress: bool = True) -> dict[str, object]:
     """Validation means (%) of zero-shot, the experts, averaging and every lambda of TA, TIES
     and PCB for the experts in ``zoo`` (the course's grids and defaults)."""
     pre, fts = zoo.pretrained, zoo.finetuned()
+    steps = 3 + len(LAMBDAS_TA) + 2 * len(LAMBDAS_TIES)
+    bar = progress_bar(total=steps, desc="evaluate", progress=progress)
 
     def val(state) -> float:
+        bar.update()
         return round(mean(zoo.evaluate(state, "val", limit=limit)), 1)
 
     experts = {t: zoo.evaluate(zoo.experts[t], "val", [t], limit=limit)[t] for t in zoo.tasks}
-    return {
+    bar.update()
+    out = {
         "zero-shot": val(pre),
         "experts": round(mean(experts), 1),
         "per expert": {t: round(a, 1) for t, a in experts.items()},
@@ -158,6 +187,8 @@ def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT) -> dict[str, object]:
         "TIES-Merging": {lam: val(ties_merging(pre, fts, 0.2, lam)) for lam in LAMBDAS_TIES},
         "PCB-Merging": {lam: val(pcb_merging(pre, fts, 0.1, lam)) for lam in LAMBDAS_TIES},
     }
+    bar.close()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -178,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     zoo = zoo_mod.load_zoo("mini", cfg=cfg, root=root, build=False, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"recipe: {recipe}", flush=True)
+    bar = progress_bar(total=len(zoo.task_names), desc="experts")
     for name, val, seconds in train_experts(root, args.out, zoo.task_names, recipe, args.workers):
-        print(f"  expert {name}: val per epoch {[round(v, 1) for v in val]}, {seconds:.0f} s")
+        bar.write(f"  expert {name}: val per epoch {[round(v, 1) for v in val]}, {seconds:.0f} s")
+        bar.update()
+    bar.close()
     experts = {n: load_file(str(args.out / f"expert_{n}.safetensors")) for n in zoo.task_names}
     trial = dataclasses.replace(zoo, experts=experts)
     result = report(trial, args.limit)
