@@ -80,12 +80,37 @@ def lambda_curves(
 
 def cosine_heatmap(matrix, names: Sequence[str], title: str = "Cosine similarity of task vectors"):
     """Symmetric heatmap of pairwise cosine similarities."""
+    return pair_heatmap(matrix, names, title, vmax=1.0)
+
+
+def pair_heatmap(matrix, names: Sequence[str], title: str, vmax: float) -> Figure:
+    """A tasks x tasks heatmap of one number per pair of tasks, from 0 (light) to ``vmax``."""
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(0.6 * len(names) + 2.2, 0.55 * len(names) + 1.2))
     sns.heatmap(
-        m, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=1, square=True,
+        m, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=vmax, square=True,
         xticklabels=names, yticklabels=names, ax=ax, annot_kws={"fontsize": 7},
     )  # fmt: skip
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def disentanglement_heatmap(
+    xi, alphas: Sequence[float], names: Sequence[str], title: str = "Disentanglement error ξ"
+) -> Figure:
+    """ξ(α₁, α₂) of two task vectors over a grid of coefficients: rows α for ``names[0]``,
+    columns α for ``names[1]``, low (light) where the two edits do not disturb each other."""
+    m = np.asarray(xi, dtype=float)
+    labels = [f"{a:g}" for a in alphas]
+    fig, ax = plt.subplots(figsize=(0.55 * len(alphas) + 2.4, 0.5 * len(alphas) + 1.4))
+    sns.heatmap(
+        m, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=2, square=True,
+        xticklabels=labels, yticklabels=labels, ax=ax, annot_kws={"fontsize": 7},
+    )  # fmt: skip
+    ax.invert_yaxis()  # α₁ grows upwards, as in a plot of the plane
+    ax.set_xlabel(f"α for {names[1]}")
+    ax.set_ylabel(f"α for {names[0]}")
     ax.set_title(title)
     fig.tight_layout()
     return fig

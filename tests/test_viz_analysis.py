@@ -64,6 +64,13 @@ def test_figures_have_the_expected_axes():
     lc = viz.lambda_curves({"TA": {0.1: 30.0, 0.3: 35.0}}, {"zero-shot": 25.0}).axes[0]
     assert len(lc.get_lines()) == 2 and lc.get_xlabel().startswith("scaling")
     assert len(viz.cosine_heatmap(torch.eye(3), ["a", "b", "c"]).axes[0].texts) == 9
+    xi = torch.tensor([[0.0, 0.5], [0.25, 1.5]])
+    dh = viz.disentanglement_heatmap(xi, [0.0, 1.0], ["digits", "fashion"]).axes[0]
+    assert [t.get_text() for t in dh.texts] == ["0.00", "0.50", "0.25", "1.50"]
+    assert dh.get_ylabel() == "α for digits" and dh.get_xlabel() == "α for fashion"
+    assert [t.get_text() for t in dh.get_xticklabels()] == ["0", "1"]
+    ph = viz.pair_heatmap(torch.full((2, 2), 1.5), ["a", "b"], "xi", vmax=2.0).axes[0]
+    assert ph.get_title() == "xi" and ph.collections[0].get_clim() == (0.0, 2.0)
     assert len(viz.confusion(torch.eye(2) * 5, ["a", "b"]).axes[0].texts) == 4
     mc = viz.mass_curves([0.1, 1.0], {"a": [0.5, 1.0]}).axes[0]
     assert len(mc.get_lines()) == 2  # the curve and the diagonal

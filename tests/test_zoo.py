@@ -285,3 +285,30 @@ def test_twin_counts_are_remembered_per_router_and_vectors(built, tmp_path, monk
     with evalcache.using("off"):
         fresh = ex.twin_accuracy(z, shared, low, router, limit=8, progress=False)
         assert fresh.accuracy == first.accuracy and torch.equal(fresh.confusion, first.confusion)
+
+
+def test_zoo_predictions_are_the_classifier_ones_and_remembered(built, tmp_path, monkeypatch):
+    from course_lib import config, evalcache
+    from course_lib.analysis import zoo_predictor
+    from course_lib.eval import predictions
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    z = load_zoo("mini", cfg=TINY, root=built, build=False, progress=False)
+    predict = zoo_predictor(z, "val", limit=8)
+    calls = Counter(zoo_mod.predictions)
+    monkeypatch.setattr(zoo_mod, "predictions", calls)
+    with evalcache.using("on"):
+        for task in TINY.tasks:
+            got = predict(z.experts[task], task)
+            want, _ = predictions(z.classifier(task, z.experts[task]), z.tasks[task], "val")
+            assert got.dtype == torch.int64 and torch.equal(got, want[:8]), task
+        assert calls.calls == len(TINY.tasks)
+        again = predict(z.experts["digits"], "digits")  # served from the cache
+        assert calls.calls == len(TINY.tasks) and torch.equal(
+            again, predict(z.experts["digits"], "digits")
+        )
+        z.predict(None, "digits", "val", limit=4)  # theta_0, another limit: computed
+        assert calls.calls == len(TINY.tasks) + 1
+    with evalcache.using("off"):
+        assert torch.equal(predict(z.experts["digits"], "digits"), again)
+        assert calls.calls == len(TINY.tasks) + 2

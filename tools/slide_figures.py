@@ -192,6 +192,34 @@ def toy_sign_conflicts() -> Figure:
     return fig
 
 
+@figure("toy_disentanglement")
+def toy_disentanglement() -> Figure:
+    """Disentanglement error of a linear toy model with two tasks on their own input features:
+    tau_1 also leaks a little into task 2's features, so xi is low near the origin only."""
+    from course_lib.analysis import disentanglement_error
+    from course_lib.state import TaskVector
+
+    g = _gen(5)
+    inputs = {t: torch.zeros(400, 4) for t in ("task 1", "task 2")}
+    inputs["task 1"][:, :2] = torch.randn(400, 2, generator=g)
+    inputs["task 2"][:, 2:] = torch.randn(400, 2, generator=g)
+    theta0 = {"w": torch.randn(3, 4, generator=g)}
+    tau1, tau2 = torch.zeros(3, 4), torch.zeros(3, 4)
+    tau1[:, :2] = 2 * torch.randn(3, 2, generator=g)
+    tau1[:, 2:] = 0.3 * torch.randn(3, 2, generator=g)  # the leak into task 2's features
+    tau2[:, 2:] = 2 * torch.randn(3, 2, generator=g)
+    vectors = {"task 1": TaskVector({"w": tau1}), "task 2": TaskVector({"w": tau2})}
+
+    def predict(state, task):
+        return (inputs[task] @ state["w"].T).argmax(dim=1)
+
+    alphas = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
+    xi = disentanglement_error(predict, theta0, vectors, alphas, progress=False)
+    return viz.disentanglement_heatmap(
+        xi, alphas, list(vectors), title="Toy: τ₁ leaks a little into task 2's features"
+    )
+
+
 # ----------------------------------------------------------------------------- 03 TIES
 @figure("ties_steps")
 def ties_steps() -> Figure:

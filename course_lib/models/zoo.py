@@ -35,7 +35,7 @@ from transformers import CLIPModel, CLIPVisionConfig
 from course_lib import config, evalcache
 from course_lib.config import progress_bar
 from course_lib.data.base import VisionTask
-from course_lib.eval import accuracy
+from course_lib.eval import accuracy, predictions
 from course_lib.files import atomic_path, save_tensors, sha256, write_json
 from course_lib.models import hub
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
@@ -132,6 +132,30 @@ class Zoo:
         return {
             t: memo(t, functools.partial(compute, t), functools.partial(head, t)) for t in tasks
         }
+
+    def predict(
+        self,
+        state: Mapping[str, Tensor] | None,
+        task: str,
+        split: str = "val",
+        *,
+        limit: int | None = None,
+    ) -> Tensor:
+        """The class predicted for each of the first ``limit`` examples of ``task``'s ``split``
+        by the encoder with ``state`` (theta_0 by default) and the task's zero-shot head; int64.
+
+        Remembered in the evaluation cache like the accuracies, under the same key parts."""
+        state = state or self.pretrained
+
+        def compute() -> Tensor:
+            clf = ZeroShotClassifier(self._load_encoder(state), self.heads[task], self.logit_scale)
+            return predictions(clf, self.tasks[task], split, device=config.device(), limit=limit)[0]
+
+        if not evalcache.active(self.world):
+            return compute()
+        head = evalcache.tensor_salt(self.heads[task], self.logit_scale)
+        parts = [split, limit, evalcache.state_digest(state), task, head, "predictions"]
+        return evalcache.remember(self.world, parts, compute, kind="tensor")
 
     def _load_encoder(self, state: Mapping[str, Tensor]) -> torch.nn.Module:
         """The zoo's image encoder (built on first use) with ``state`` loaded into it."""
