@@ -10,8 +10,8 @@ key made of everything it depends on:
 - what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
   split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
   shapes, values), and the same for the per-image predictions of ``Zoo.predict``; for the LLM's
-  router features the prompts; for Twin's answers the merged
-  weights and the prompts; for Twin's compressed vectors the vectors and the rank ratio,
+  router features the prompts; for Twin's answers the merged weights and the prompts; for
+  Twin's compressed vectors the vectors and the rank ratio,
 - the digest of the course's numeric source code, torch's version and the device.
 
 Change any of them and the key changes, so a stale value is never served: at worst, work is done
