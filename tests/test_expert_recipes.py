@@ -64,6 +64,8 @@ def test_the_zoo_recipe_gives_the_zoo_experts_bit_for_bit(tool, tiny_zoo, tmp_pa
     assert list(result["per expert"]) == list(TINY.tasks)
     assert result["tau/theta0"] > 0
     assert set(result["task arithmetic"]) == set(tool.LAMBDAS_TA)
+    xi = result["xi(1, 1) over pairs"]
+    assert 0 <= xi["min"] <= xi["mean"] <= xi["max"] <= 2
 
 
 def test_a_changed_recipe_and_frozen_parameters(tool, tiny_zoo, tmp_path):

@@ -6,7 +6,9 @@ that question further. It fine-tunes the eight experts again from the zoo's thet
 changed recipe, side by side in worker processes as the zoo does, and prints on the validation
 split (the first ``VAL_LIMIT`` examples of each task, as every lambda search of the course):
 zero-shot, each expert, ||tau|| / ||theta_0||, weight averaging and the lambda curves of task
-arithmetic, TIES and PCB, each merge evaluated with the frozen zero-shot heads. The built zoo in
+arithmetic, TIES and PCB, each merge evaluated with the frozen zero-shot heads, and how much the
+experts disturb each other's predictions (the disentanglement error xi(1, 1) of notebook 02, its
+min, mean and max over the pairs). The built zoo in
 ``data/cache/mini`` is only read; the trial's experts go to ``--out`` (a rerun resumes there).
 
     python tools/expert_recipes.py --out /tmp/trial                    # the zoo's own recipe
@@ -38,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from course_lib.analysis import disentanglement_matrix, zoo_predictor
 from course_lib.config import progress_bar
 from course_lib.experiments import LAMBDAS_TA, LAMBDAS_TIES, VAL_LIMIT, mean
 from course_lib.files import save_tensors, write_json
@@ -46,6 +49,7 @@ from course_lib.models import hub
 from course_lib.models import zoo as zoo_mod
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier
 from course_lib.models.zoo import ZooConfig
+from course_lib.state import task_vector
 from course_lib.train import FinetuneConfig, finetune
 
 
@@ -166,9 +170,10 @@ def relative_norm(pre: dict[str, Tensor], expert: dict[str, Tensor]) -> float:
 
 def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT, progress: bool = True) -> dict[str, object]:
     """Validation means (%) of zero-shot, the experts, averaging and every lambda of TA, TIES
-    and PCB for the experts in ``zoo`` (the course's grids and defaults)."""
+    and PCB for the experts in ``zoo`` (the course's grids and defaults), and how entangled the
+    experts are: the disentanglement error xi(1, 1) over every pair (notebook 02; 0 to 2)."""
     pre, fts = zoo.pretrained, zoo.finetuned()
-    steps = 3 + len(LAMBDAS_TA) + 2 * len(LAMBDAS_TIES)
+    steps = 4 + len(LAMBDAS_TA) + 2 * len(LAMBDAS_TIES)
     bar = progress_bar(total=steps, desc="evaluate", progress=progress)
 
     def val(state) -> float:
@@ -186,9 +191,21 @@ def report(zoo: zoo_mod.Zoo, limit: int = VAL_LIMIT, progress: bool = True) -> d
         "task arithmetic": {lam: val(task_arithmetic(pre, fts, lam)) for lam in LAMBDAS_TA},
         "TIES-Merging": {lam: val(ties_merging(pre, fts, 0.2, lam)) for lam in LAMBDAS_TIES},
         "PCB-Merging": {lam: val(pcb_merging(pre, fts, 0.1, lam)) for lam in LAMBDAS_TIES},
+        "xi(1, 1) over pairs": _entanglement(zoo, limit),
     }
+    bar.update()
     bar.close()
     return out
+
+
+def _entanglement(zoo: zoo_mod.Zoo, limit: int) -> dict[str, float]:
+    """Min, mean and max over the pairs of experts of the disentanglement error xi(1, 1)."""
+    vectors = {t: task_vector(zoo.pretrained, zoo.experts[t]) for t in zoo.task_names}
+    predict = zoo_predictor(zoo, "val", limit=limit)
+    xi = disentanglement_matrix(predict, zoo.pretrained, vectors, 1.0, progress=False)
+    pairs = xi[~torch.eye(len(vectors), dtype=torch.bool)]
+    stats = {"min": pairs.min(), "mean": pairs.mean(), "max": pairs.max()}
+    return {k: round(float(v), 3) for k, v in stats.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
