@@ -29,7 +29,7 @@ from torch import Tensor
 from course_lib import config
 from course_lib.merging._base import deltas
 from course_lib.merging.ties import trim
-from course_lib.state import TaskVector, check_number
+from course_lib.state import TaskVector, check_number, same_keys
 
 # predict(state, task) -> the labels a model with weights ``state`` predicts on the inputs of
 # ``task`` (always the same inputs, in the same order): see :func:`zoo_predictor`.
@@ -186,11 +186,7 @@ def _two_tasks(vectors: Mapping[str, TaskVector]) -> list[tuple[str, TaskVector]
             f"{list(vectors)} (use disentanglement_matrix for more)"
         )
     (a, tau_a), (b, tau_b) = vectors.items()
-    if set(tau_a) != set(tau_b):
-        raise ValueError(
-            f"the task vectors of {a!r} and {b!r} have different keys: "
-            f"{sorted(set(tau_a) ^ set(tau_b))[:5]}"
-        )
+    same_keys(tau_a, tau_b, f"compare the {a!r} and {b!r}")  # keys and shapes, before any work
     return [(a, tau_a), (b, tau_b)]
 
 

@@ -9,7 +9,7 @@ key made of everything it depends on:
 - the zoo's ``world`` (data, theta_0, experts, LoRA recipe: ``Zoo.world``, ``LLMZoo.world``),
 - what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
   split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
-  shapes, values), and the same for the per-image predictions of ``Zoo.predict``; for the LLM's
+  shapes, values), the same for the per-image predictions of ``Zoo.predict``; for the LLM's
   router features the prompts; for Twin's answers the merged weights and the prompts; for
   Twin's compressed vectors the vectors and the rank ratio,
 - the digest of the course's numeric source code, torch's version and the device.
@@ -220,9 +220,10 @@ def remember(
 
 
 class Memo:
-    """The cached accuracies of one state on one split: ``memo(task, compute) -> float``.
+    """The cached values of one state on one split, per task: ``memo(task, compute)``, an
+    accuracy by default (``kind`` names another kind of value, e.g. a tensor of predictions).
 
-    ``compute()`` runs only when the accuracy is not stored (or the mode is ``refresh``). The
+    ``compute()`` runs only when the value is not stored (or the mode is ``refresh``). The
     state is digested once, and only when the cache is on and the zoo has a world.
     """
 
@@ -234,14 +235,18 @@ class Memo:
         return entry(self.world, [*self.parts, task, salt])
 
     def __call__(
-        self, task: str, compute: Callable[[], float], salt: str | Callable[[], str] = ""
-    ) -> float:
+        self,
+        task: str,
+        compute: Callable[[], V],
+        salt: str | Callable[[], str] = "",
+        kind: str = "accuracy",
+    ) -> V:
         """``salt`` (or a function computing it, called only when the cache is used) names what
-        else the accuracy depends on, e.g. the task's zero-shot head."""
+        else the value depends on, e.g. the task's zero-shot head."""
         if not self.world:
             return compute()
         salt = salt() if callable(salt) else salt
-        return remember(self.world, [*self.parts, task, salt], compute)
+        return remember(self.world, [*self.parts, task, salt], compute, kind)
 
 
 def tensor_salt(t: Tensor, *extra: object) -> str:

@@ -258,7 +258,9 @@ def assemble(
     return out
 
 
-def _same_keys(a: TaskVector, b: TaskVector, op: str) -> None:
+def same_keys(a: TaskVector, b: TaskVector, op: str) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same keys and shapes; ``op`` says
+    what was being done ("add", "compare"...), the message names the first offending key."""
     if a.vector.keys() != b.vector.keys():
         only_a = sorted(set(a.vector) - set(b.vector))
         only_b = sorted(set(b.vector) - set(a.vector))
@@ -305,7 +307,7 @@ class TaskVector(Mapping[str, Tensor]):
     def __add__(self, other: TaskVector) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
-        _same_keys(self, other, "add")
+        same_keys(self, other, "add")
         return TaskVector({k: v + other.vector[k] for k, v in self.vector.items()})
 
     def __radd__(self, other: object) -> TaskVector:
@@ -317,7 +319,7 @@ class TaskVector(Mapping[str, Tensor]):
     def __sub__(self, other: TaskVector) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
-        _same_keys(self, other, "subtract")
+        same_keys(self, other, "subtract")
         return TaskVector({k: v - other.vector[k] for k, v in self.vector.items()})
 
     def __neg__(self) -> TaskVector:
@@ -345,7 +347,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     def cosine(self, other: TaskVector) -> float:
         """Cosine similarity of two task vectors over their common keys."""
-        _same_keys(self, other, "compare")
+        same_keys(self, other, "compare")
         dot = sum((v.double() * other.vector[k].double()).sum() for k, v in self.vector.items())
         return float(dot / max(self.norm() * other.norm(), 1e-30))
 

@@ -125,12 +125,10 @@ class Zoo:
             clf = ZeroShotClassifier(encoder(), self.heads[task], self.logit_scale)
             return accuracy(clf, self.tasks[task], split, device=config.device(), limit=limit)
 
-        def head(task: str) -> str:
-            return evalcache.tensor_salt(self.heads[task], self.logit_scale)
-
         tasks = tasks or self.task_names
         return {
-            t: memo(t, functools.partial(compute, t), functools.partial(head, t)) for t in tasks
+            t: memo(t, functools.partial(compute, t), functools.partial(self._head_salt, t))
+            for t in tasks
         }
 
     def predict(
@@ -151,11 +149,12 @@ class Zoo:
             clf = ZeroShotClassifier(self._load_encoder(state), self.heads[task], self.logit_scale)
             return predictions(clf, self.tasks[task], split, device=config.device(), limit=limit)[0]
 
-        if not evalcache.active(self.world):
-            return compute()
-        head = evalcache.tensor_salt(self.heads[task], self.logit_scale)
-        parts = [split, limit, evalcache.state_digest(state), task, head, "predictions"]
-        return evalcache.remember(self.world, parts, compute, kind="tensor")
+        memo = evalcache.Memo(self.world, state, split, limit)
+        return memo(task, compute, functools.partial(self._head_salt, task), kind="tensor")
+
+    def _head_salt(self, task: str) -> str:
+        """What an evaluation on ``task`` depends on besides the weights: its head and scale."""
+        return evalcache.tensor_salt(self.heads[task], self.logit_scale)
 
     def _load_encoder(self, state: Mapping[str, Tensor]) -> torch.nn.Module:
         """The zoo's image encoder (built on first use) with ``state`` loaded into it."""
