@@ -195,7 +195,8 @@ def toy_sign_conflicts() -> Figure:
 @figure("toy_disentanglement")
 def toy_disentanglement() -> Figure:
     """Disentanglement error of a linear toy model with two tasks on their own input features:
-    tau_1 also leaks a little into task 2's features, so xi is low near the origin only."""
+    tau_1 also leaks a little into task 2's features, so xi stays low except where task 2's own
+    vector is weak or absent (around the column alpha_2 = 0)."""
     from course_lib.analysis import disentanglement_error
     from course_lib.state import TaskVector
 
