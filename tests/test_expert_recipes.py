@@ -1,5 +1,6 @@
 """tools/expert_recipes.py: retrain the mini world's experts with another recipe, on a tiny zoo."""
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from test_zoo import TINY
 
+from course_lib.models.linearized import Linearized
 from course_lib.models.zoo import build_zoo, load_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,29 @@ def test_bad_recipes_and_a_reused_folder_are_refused(tool, tiny_zoo, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("expert_*")} == saved
     with pytest.raises(ValueError, match="another recipe or zoo"):
         _run(tool, tiny_zoo, tmp_path / "b", "lr=1e-2")
+
+
+def test_linearized_experts_and_the_linearized_zoo(tool, tiny_zoo, tmp_path):
+    """--linearized trains f(x; theta_0) + J(x) (theta - theta_0): its experts are stored with the
+    encoder's keys, and the zoo's linearized() view evaluates them through the same expansion."""
+    result = _run(tool, tiny_zoo, tmp_path, "--linearized")
+    zoo = load_zoo("mini", cfg=TINY, root=tiny_zoo, build=False, progress=False)
+    lin = zoo.linearized()
+    assert lin.linear and not zoo.linear and lin.linearized() is lin
+    assert lin.world != zoo.world  # remembered apart: the two encoders answer differently
+    assert isinstance(lin.classifier("digits").encoder, Linearized)
+    expert = load_file(str(tmp_path / "expert_digits.safetensors"))
+    assert list(expert) == list(zoo.experts["digits"])
+    assert any(not torch.equal(expert[k], v) for k, v in zoo.experts["digits"].items())
+    x, _ = next(zoo.tasks["digits"].batches("val", 8))
+    with torch.no_grad():
+        plain = zoo.encoder()(pixel_values=x).image_embeds
+        torch.testing.assert_close(lin.encoder()(pixel_values=x).image_embeds, plain,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip  # at theta_0: the same
+        moved = lin.encoder(expert)(pixel_values=x).image_embeds
+        assert not torch.allclose(moved, zoo.encoder(expert)(pixel_values=x).image_embeds)
+    trial = dataclasses.replace(lin, experts={"digits": expert})
+    assert (
+        trial.evaluate(expert, "val", ["digits"], limit=8)["digits"]
+        == (result["per expert"]["digits"])
+    )

@@ -15,12 +15,16 @@ min, mean and max over the pairs). The built zoo in
     python tools/expert_recipes.py --out /tmp/lr1e-3 lr=1e-3 batch_size=32
     python tools/expert_recipes.py --out /tmp/scale100 --head-scale 100
     python tools/expert_recipes.py --out /tmp/frozen --freeze embeddings lr=1e-3
+    python tools/expert_recipes.py --out /tmp/linear --linearized
 
 ``key=value`` changes a field of :class:`course_lib.train.FinetuneConfig` (the zoo's recipe,
 read from its manifest, is the starting point). ``--head-scale`` is
 the logit scale the head is *trained* with (evaluation takes the argmax, which no scale
-changes); ``--freeze REGEX`` keeps the matching encoder parameters at theta_0. With no option
-the experts are the zoo's, bit for bit (tested).
+changes); ``--freeze REGEX`` keeps the matching encoder parameters at theta_0;
+``--linearized`` fine-tunes the encoder's first-order Taylor expansion around theta_0 instead of
+the encoder (Ortiz-Jimenez et al., NeurIPS 2023, Sec. 5; :mod:`course_lib.models.linearized`),
+and every merge is then evaluated through that expansion too. With no option the experts are
+the zoo's, bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from course_lib.files import save_tensors, write_json
 from course_lib.merging import pcb_merging, task_arithmetic, ties_merging, weight_average
 from course_lib.models import hub
 from course_lib.models import zoo as zoo_mod
+from course_lib.models.linearized import Linearized
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier
 from course_lib.models.zoo import ZooConfig
 from course_lib.state import task_vector
@@ -60,6 +65,7 @@ class Recipe:
     finetune: FinetuneConfig = FinetuneConfig()  # main() starts from the zoo's own
     head_scale: float | None = None  # None: the zoo's (the pretrained CLIP's logit scale)
     freeze: str | None = None  # regex over encoder parameter names kept at theta_0
+    linearized: bool = False  # fine-tune (and evaluate) f(x; theta_0) + J(x) (theta - theta_0)
 
     def __post_init__(self):
         if self.head_scale is not None and not self.head_scale > 0:
@@ -122,6 +128,8 @@ def train_expert(root: Path, name: str, recipe: Recipe) -> tuple[str, dict, list
             raise ValueError(f"--freeze {recipe.freeze!r} matches no encoder parameter: {names}")
         for p in frozen:
             p.requires_grad_(False)
+    if recipe.linearized:
+        encoder = Linearized(encoder)
     scale = recipe.head_scale or zoo_mod._head_scale(clip)
     model = ZeroShotClassifier(encoder, head, scale)
     task = zoo_mod._load_task(root, name)
@@ -215,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     ap.add_argument("--root", type=Path, default=None, help="the built zoo (data/cache/mini)")
     ap.add_argument("--head-scale", type=float, default=None)
     ap.add_argument("--freeze", default=None, help="regex of encoder parameters not trained")
+    ap.add_argument(
+        "--linearized",
+        action="store_true",
+        help="fine-tune and evaluate the encoder linearized around theta_0 (tangent space)",
+    )
     ap.add_argument("--workers", type=int, default=max(1, torch.get_num_threads()))
     ap.add_argument("--limit", type=int, default=VAL_LIMIT, help="val examples per task")
     args = ap.parse_args(argv)
@@ -222,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     root = args.root or zoo_mod.cache_dir("mini")
     cfg = zoo_config(root)
     ft = dataclasses.replace(cfg.finetune, **parse_overrides(args.overrides))
-    recipe = Recipe(ft, args.head_scale, args.freeze)
+    recipe = Recipe(ft, args.head_scale, args.freeze, args.linearized)
     zoo = zoo_mod.load_zoo("mini", cfg=cfg, root=root, build=False, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"recipe: {recipe}", flush=True)
@@ -232,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         bar.update()
     bar.close()
     experts = {n: load_file(str(args.out / f"expert_{n}.safetensors")) for n in zoo.task_names}
-    trial = dataclasses.replace(zoo, experts=experts)
+    trial = dataclasses.replace(zoo.linearized() if recipe.linearized else zoo, experts=experts)
     result = report(trial, args.limit)
     print(json.dumps(result, indent=1))
     return result

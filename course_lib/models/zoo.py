@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from course_lib.data.base import VisionTask
 from course_lib.eval import accuracy, predictions
 from course_lib.files import atomic_path, save_tensors, sha256, write_json
 from course_lib.models import hub
+from course_lib.models.linearized import Linearized
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
 from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
 
@@ -87,19 +88,36 @@ class Zoo:
     logit_scale: float = 100.0
     info: dict = field(default_factory=dict)
     world: str = ""  # what was loaded: the mini config's digest, or the full model's id
+    linear: bool = False  # evaluate with the encoder linearized around theta_0 (linearized())
     _encoder: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    def linearized(self) -> Zoo:
+        """This zoo, evaluated through the encoder's first-order Taylor expansion around theta_0,
+        ``f(x; theta_0) + J(x) (theta - theta_0)`` (:mod:`course_lib.models.linearized`).
+
+        Meant for experts fine-tuned linearized as well (``tools/expert_recipes.py
+        --linearized``), as in Ortiz-Jimenez et al. (NeurIPS 2023), Sec. 5. Its evaluations are
+        remembered apart from the plain encoder's."""
+        if self.linear:
+            return self
+        return replace(self, linear=True, world=f"{self.world}+linearized", _encoder=None)
+
     def finetuned(self) -> list[dict[str, Tensor]]:
         """The experts' state dicts in task order: the ``finetuned`` argument of every merge."""
         return [self.experts[t] for t in self.tasks]
 
     def encoder(self, state: Mapping[str, Tensor] | None = None) -> torch.nn.Module:
-        """A fresh image encoder loaded with ``state`` (theta_0 by default)."""
-        return hub.build_image_encoder(self.encoder_config, state or self.pretrained)
+        """A fresh image encoder loaded with ``state`` (theta_0 by default), linearized around
+        theta_0 in a :meth:`linearized` zoo."""
+        if not self.linear:
+            return hub.build_image_encoder(self.encoder_config, state or self.pretrained)
+        linear = Linearized(hub.build_image_encoder(self.encoder_config, self.pretrained))
+        linear.load_state_dict(dict(state or self.pretrained), strict=True)
+        return linear
 
     def classifier(self, task: str, state: Mapping[str, Tensor] | None = None):
         """Image encoder with ``state`` + the frozen zero-shot head of ``task``."""
@@ -159,7 +177,8 @@ class Zoo:
     def _load_encoder(self, state: Mapping[str, Tensor]) -> torch.nn.Module:
         """The zoo's image encoder (built on first use) with ``state`` loaded into it."""
         if self._encoder is None:
-            self._encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
+            encoder = hub.build_image_encoder(self.encoder_config, self.pretrained)
+            self._encoder = Linearized(encoder) if self.linear else encoder
         self._encoder.load_state_dict(dict(state), strict=True)
         return self._encoder
 
