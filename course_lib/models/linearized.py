@@ -20,6 +20,7 @@ only its outputs differ. theta_0 is the copy taken when it is built.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 from torch import Tensor, nn
@@ -62,7 +63,11 @@ class Linearized(nn.Module):
                 self.model, dict(zip(self._names, weights, strict=True)), args, kwargs
             )
 
-        out, change = jvp(f, tuple(theta0.values()), delta)
+        with warnings.catch_warnings():
+            # PyTorch's first forward-mode call scripts its own decompositions with the
+            # deprecated torch.jit.script and warns about it: nothing the caller can act on
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            out, change = jvp(f, tuple(theta0.values()), delta)
         return tree_map(_add_float, out, change)
 
     # The state is the wrapped model's (theta, same keys), so that a linearized expert is stored
