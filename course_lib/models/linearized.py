@@ -8,7 +8,7 @@ Pre-Trained Models" (NeurIPS 2023), Sec. 5. Around the pretrained weights theta_
 is *linear in theta*: the output of theta_0 + sum_t a_t tau_t is f(x; theta_0) + sum_t a_t J(x) tau_t,
 so task vectors add up exactly. Fine-tuning f_lin instead of f (same loss, same optimizer, only
 the forward pass changes) is what the paper calls linearized fine-tuning; they find that it
-makes CLIP's task vectors far more weight-disentangled (Sec. 3's error xi) and task arithmetic
+makes CLIP's task vectors more weight-disentangled (Sec. 3's error xi) and task arithmetic
 better. J(x) (theta - theta_0) is one Jacobian-vector product, computed by forward-mode automatic
 differentiation (``torch.func.jvp``) in about the cost of two forward passes, without ever
 forming J.
