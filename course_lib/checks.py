@@ -234,6 +234,38 @@ def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
     return _ok(f"the top 20% of entries hold {100 * got:.0f}% of ||tau||^2 here")
 
 
+def check_tangent_model(fn: Callable[[Callable, Tensor, Tensor, Tensor], Tensor]) -> bool:
+    """``fn(f, theta0, theta, x)`` -> ``f(x, theta0) + J (theta - theta0)``, J = df/dtheta at
+    theta0, for a function ``f(x, w)`` of one weight tensor (Ortiz-Jimenez et al. 2023, Sec. 5)."""
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 3.0]], dtype=torch.float64)
+    w0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    w = torch.tensor([0.5, 0.4], dtype=torch.float64)
+
+    def f(x: Tensor, w: Tensor) -> Tensor:
+        return torch.tanh(x @ w)
+
+    def slope(at: Tensor) -> Tensor:  # d tanh(x . w) / dw = (1 - tanh^2(x . w)) x, per row
+        return 1 - torch.tanh(x @ at) ** 2
+
+    given0, given = w0.clone(), w.clone()
+    got = _tensor(fn(f, given0, given, x.clone()), "tangent_model")
+    _untouched(w0, given0, "tangent_model")
+    _untouched(w, given, "tangent_model")
+    change = slope(w0) * (x @ (w - w0))
+    _diagnose(
+        got,
+        f(x, w0) + change,
+        {
+            "that is the network at theta, f(x, theta): expand it around theta0 instead": f(x, w),
+            "add the starting point f(x, theta0): J (theta - theta0) is only the change": change,
+            "the Jacobian is taken at theta0, not at theta": f(x, w0) + slope(w) * (x @ (w - w0)),
+            "step from theta0 to theta: the direction is theta - theta0": f(x, w0) - change,
+        },
+        "tangent model",
+    )
+    return _ok("f(x, theta0) + J (theta - theta0): linear in theta, exact at theta0")
+
+
 # ----------------------------------------------------------------------------- notebook 03
 _TAU = torch.tensor(
     [

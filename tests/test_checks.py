@@ -82,6 +82,34 @@ def test_top_mass_share():
     wrong(checks.check_top_mass_share, signed, "magnitude")
 
 
+def test_tangent_model():
+    from torch.func import jvp
+
+    def ok(f, theta0, theta, x):
+        out, change = jvp(lambda w: f(x, w), (theta0,), (theta - theta0,))
+        return out + change
+
+    def at_theta(f, theta0, theta, x):  # the Jacobian taken at the fine-tuned weights
+        out, change = jvp(lambda w: f(x, w), (theta,), (theta - theta0,))
+        return f(x, theta0) + change
+
+    def in_place(f, theta0, theta, x):
+        step = theta.sub_(theta0)
+        out, change = jvp(lambda w: f(x, w), (theta0,), (step,))
+        return out + change
+
+    assert checks.check_tangent_model(ok)
+    wrong(checks.check_tangent_model, lambda f, t0, t, x: f(x, t), "the network at theta")
+    wrong(checks.check_tangent_model, lambda f, t0, t, x: ok(f, t0, t, x) - f(x, t0), "add the")
+    wrong(checks.check_tangent_model, at_theta, "taken at theta0")
+    wrong(checks.check_tangent_model, lambda f, t0, t, x: ok(f, t, t0, x) - 0, "expected")
+    wrong(checks.check_tangent_model, lambda f, t0, t, x: 2 * f(x, t0) - ok(f, t0, t, x),
+          "direction is theta - theta0")  # fmt: skip
+    wrong(checks.check_tangent_model, in_place, "in place")
+    wrong(checks.check_tangent_model, lambda f, t0, t, x: jvp(lambda w: f(x, w), (t0,), (t - t0,)),
+          "should return a torch.Tensor, got tuple")  # fmt: skip
+
+
 def test_trim_and_its_mistakes():
     assert checks.check_trim(trim)
 
