@@ -11,12 +11,15 @@ temporary directory, so the cache in ``data/cache/`` is neither read nor touched
 * the peak memory of the build, this process and its worker processes together (a thread sums
   their proportional and resident set sizes every ``--interval`` s via psutil; GB = 10^9 bytes).
   Each sample reads ``/proc/<pid>/smaps_rollup``, which walks the page tables of a process of
-  2 GB for about 20 ms while holding its memory-map lock: sampled every 0.1 s (the first
-  versions of this script) it slows the build it measures, so the default is 1 s;
+  2 GB for about 20 ms while holding its memory-map lock. Measured on 55 pretraining steps
+  (A/B in one sitting): sampled every 0.1 s (the first versions of this script) a process of
+  the pretraining's own size ran 5% slower per step (median), one holding 2 GB more a third
+  slower; every 1 s, 1% and 6-11%. Two cold builds took 569.1 s (0.1 s) and 565.9 s (1 s), within the noise.
+  The default is 1 s;
 * the time of ``load_zoo`` on the built zoo (best and every run).
 
 Targets of the mini-world issue: build <= 8 minutes cold on the 2-core CPU, load <= 5 s, peak
-RSS <= 4 GB. The machine is noisy (the same build has taken 516-586 s): compare within a run.
+RSS <= 4 GB. The machine is noisy (the same build has taken 451-647 s): compare within a run.
 
 Usage::
 
