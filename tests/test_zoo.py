@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import multiprocessing
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +164,28 @@ def test_an_error_in_a_worker_process_reaches_the_caller(built):
     with pytest.raises(KeyError, match="no_such_task"):  # it has no head
         list(jobs)
     assert not multiprocessing.active_children()  # the workers were stopped, not left running
+
+
+def _mark_exit(folder: str, item: int) -> int:
+    """Run in a worker: on the worker's normal exit, after half a second, leave a file named by
+    its pid in ``folder`` (a worker killed by terminate() is gone before it writes it)."""
+    from multiprocessing import util
+
+    def mark() -> None:
+        time.sleep(0.5)
+        Path(folder, str(os.getpid())).touch()
+
+    util.Finalize(None, mark, exitpriority=100)
+    return os.getpid()
+
+
+def test_workers_exit_normally_once_every_result_is_back(tmp_path):
+    # Killed workers leave what they made to the resource tracker ("leaked semaphore" warnings
+    # at the end of a zoo build: the lock `datasets` makes tqdm create in each worker).
+    job = functools.partial(_mark_exit, str(tmp_path))
+    pids = set(zoo_mod.imap_in_workers(job, range(4), 2))
+    assert {int(f.name) for f in tmp_path.iterdir()} == pids  # every worker ran its clean-up
+    assert not multiprocessing.active_children()
 
 
 def test_atomic_path_leaves_the_target_untouched_on_error(tmp_path):

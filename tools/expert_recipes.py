@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import multiprocessing
 import re
 import sys
 import time
@@ -158,8 +157,7 @@ def train_experts(
         results = map(job, todo)
         yield from _save(out, results)
         return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-        yield from _save(out, pool.imap_unordered(job, todo))
+    yield from _save(out, zoo_mod.imap_in_workers(job, todo, min(workers, len(todo))))
 
 
 def _save(out: Path, results) -> Iterator[tuple[str, list, float]]:

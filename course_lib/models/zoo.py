@@ -23,9 +23,10 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -41,6 +42,9 @@ from course_lib.models import hub
 from course_lib.models.linearized import Linearized
 from course_lib.models.vision import MiniClipConfig, ZeroShotClassifier, zeroshot_head
 from course_lib.train import FinetuneConfig, FinetuneHistory, finetune
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 FORMAT = 1  # bump when the layout of the cache changes
 
@@ -336,14 +340,27 @@ def _finetune_experts(
         for name in names:
             yield _train_expert(root, name, ft, progress)
         return
+    yield from imap_in_workers(
+        functools.partial(_train_expert, root, ft=ft, progress=False), names, workers
+    )
+
+
+def imap_in_workers(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``fn(item)`` for every item in ``workers`` spawned processes; yield each result as it
+    comes (in any order).
+
+    spawn, not fork: a forked child inherits PyTorch's thread pool in an unusable state. Once
+    every result is back the workers are closed and joined, so they exit normally and clean up
+    after themselves (a worker killed instead leaves, for example, the lock that ``datasets``
+    makes tqdm create in it to Python's resource tracker, which then warns of a "leaked
+    semaphore" at shutdown). On an error, an interrupt or a caller that stops early, leaving
+    the ``with`` block terminates them at once (what came back before is the caller's)."""
     import multiprocessing
 
-    # spawn, not fork: a forked child inherits PyTorch's thread pool in an unusable state.
-    # Leaving the block terminates the workers: an error or an interrupt stops them at once
-    # (the experts that finished are saved by the caller as they come).
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        job = functools.partial(_train_expert, root, ft=ft, progress=False)
-        yield from pool.imap_unordered(job, names)
+        yield from pool.imap_unordered(fn, items)
+        pool.close()
+        pool.join()
 
 
 def _train_expert(
