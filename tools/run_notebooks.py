@@ -8,6 +8,12 @@ Usage::
 
     python tools/run_notebooks.py                       # all solution notebooks -> build/
     python tools/run_notebooks.py 03 04 --inplace       # refresh notebooks 03 and 04
+    python tools/run_notebooks.py --timeout 0           # no time limit per cell
+
+A cell may run for up to ``--timeout`` seconds (an hour by default). The longest cells build
+models the first time they run (notebook 06's first cell dequantizes SmolLM2 and trains four
+LoRA experts: about 5 minutes on two quiet cores, over 15 on two busy ones), so the limit is
+there to stop a cell that hangs, not one that is slow.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def execute(path: Path, target: Path, timeout: int = 900) -> float:
-    """Run one notebook with its folder as working directory; write it to ``target``."""
+def execute(path: Path, target: Path, timeout: int | None = 3600) -> float:
+    """Run one notebook with its folder as working directory; write it to ``target``.
+
+    ``timeout``: seconds one cell may run (None: no limit)."""
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     NotebookClient(
@@ -47,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("only", nargs="*", help="notebook number prefixes, e.g. 00 03 (default: all)")
     ap.add_argument("--inplace", action="store_true", help="overwrite notebooks/ with the outputs")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
+    ap.add_argument(
+        "--timeout", type=int, default=3600, help="seconds one cell may run (0: no limit)"
+    )
     args = ap.parse_args(argv)
     # progress bars would fill the stored outputs (with ipywidgets installed, transformers' own
     # bars become widgets that ignore TQDM_DISABLE; huggingface_hub's switch turns them off)
@@ -60,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in paths:
         target = path if args.inplace else args.out / path.name
-        seconds = execute(path, target)
-        print(f"{path.name}: {seconds:.0f} s -> {target.relative_to(ROOT)}", flush=True)
+        seconds = execute(path, target, args.timeout or None)
+        shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target  # --out
+        print(f"{path.name}: {seconds:.0f} s -> {shown}", flush=True)
     return 0
 
 
