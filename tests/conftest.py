@@ -1,6 +1,9 @@
 """Shared fixtures. Tests never touch the network: a hub call without this hangs ~50 s."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,6 +22,19 @@ def _no_eval_cache():
     and of the real mini world switch it on themselves; notebook kernels are other processes."""
     with evalcache.using("off"):
         yield
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` as a module (loaded once; registered in ``sys.modules``,
+    where dataclasses and pickling look their module up)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_models(num_tasks=3, seed=0, shapes=None, scale=0.1):

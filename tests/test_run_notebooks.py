@@ -1,30 +1,17 @@
 """tools/run_notebooks.py: what `make course` runs the notebooks with."""
 
-import importlib.util
-from pathlib import Path
-
 import nbformat
 import pytest
+from conftest import load_tool
 from nbclient.exceptions import CellTimeoutError
 from nbformat.v4 import new_code_cell, new_notebook
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "run_notebooks", ROOT / "tools" / "run_notebooks.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
     ("args", "expected"), [([], 3600), (["--timeout", "120"], 120), (["--timeout", "0"], None)]
 )
 def test_the_cell_time_limit_reaches_every_notebook(monkeypatch, capsys, tmp_path, args, expected):
-    run = _module()
+    run = load_tool("run_notebooks")
     seen = []
     monkeypatch.setattr(run, "execute", lambda path, target, timeout: seen.append(timeout) or 1.0)
     assert run.main(["00", "01", "--out", str(tmp_path), *args]) == 0
@@ -33,7 +20,7 @@ def test_the_cell_time_limit_reaches_every_notebook(monkeypatch, capsys, tmp_pat
 
 
 def test_a_cell_over_the_limit_stops_the_run(tmp_path):
-    run = _module()
+    run = load_tool("run_notebooks")
     path = tmp_path / "slow.ipynb"
     nbformat.write(new_notebook(cells=[new_code_cell("import time; time.sleep(30)")]), path)
     with pytest.raises(CellTimeoutError):

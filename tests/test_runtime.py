@@ -16,19 +16,13 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from conftest import load_tool
 
 from course_lib import config, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTED = ("COLAB_RELEASE_TAG", "COLAB_GPU", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE")
 TORCHES = {"torch": "2.5.1+cu121", "torchvision": "0.20.1+cu121", "torchaudio": "2.5.1+cu121"}
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _local_env(**extra):
@@ -348,7 +342,7 @@ def test_setup_cell_on_a_hosted_platform_installs_from_the_clone(tmp_path, platf
 
 
 def test_every_notebook_has_the_setup_cell_and_badges():
-    tool = _tool("setup_cell")
+    tool = load_tool("setup_cell")
     assert tool.SETUP_CELL == runtime.SETUP_CELL
     assert tool.main(["--check"]) == 0, "run: python tools/setup_cell.py"
     solutions = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -372,7 +366,7 @@ def _notebook(*cells):
 
 
 def test_setup_cell_tool_is_idempotent_and_refreshes_a_stale_cell():
-    tool = _tool("setup_cell")
+    tool = load_tool("setup_cell")
     title = nbformat.v4.new_markdown_cell("# 07 · Capstone\n**Objectives.** merge")
     body = nbformat.v4.new_code_cell("print(1)")
     nb = tool.updated(_notebook(title, body), "07_capstone.ipynb")

@@ -9,14 +9,13 @@ The fast tests read the markdown only. The slow test builds every deck with
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +31,7 @@ MODULES = [
 ]
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build_slides = _load("build_slides")
+build_slides = load_tool("build_slides")
 
 
 def _source(deck: str) -> str:
@@ -65,7 +54,7 @@ def test_deck_source(deck):
 
 @pytest.mark.parametrize("deck", MODULES)
 def test_every_image_is_drawn_by_slide_figures(deck):
-    figures = _load("slide_figures").FIGURES
+    figures = load_tool("slide_figures").FIGURES
     for ref in build_slides.image_refs(_source(deck)):
         name = ref.removeprefix("figures/").removesuffix(".png")
         assert ref == f"figures/{name}.png", f"{deck}: {ref} is not figures/<name>.png"
