@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,7 +270,11 @@ def train_lora(
         layers_to_transform=list(range(n_layers - min(spec.top_layers, n_layers), n_layers)),
         lora_dropout=0.0,
     )
-    pm = get_peft_model(copy.deepcopy(model), cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; not ours to fix
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        pm = get_peft_model(copy.deepcopy(model), cfg)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=spec.lr)
     ids, labels, mask = encode_for_training(tok, task, task.examples("train"))
     ids, labels, mask = (t.to(model.device) for t in (ids, labels, mask))
