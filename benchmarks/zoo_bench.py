@@ -14,8 +14,8 @@ temporary directory, so the cache in ``data/cache/`` is neither read nor touched
   2 GB for about 20 ms while holding its memory-map lock. Measured on 55 pretraining steps
   (A/B in one sitting): sampled every 0.1 s (the first versions of this script) a process of
   the pretraining's own size ran 5% slower per step (median), one holding 2 GB more a third
-  slower; every 1 s, 1% and 6-11%. Two cold builds took 569.1 s (0.1 s) and 565.9 s (1 s), within the noise.
-  The default is 1 s;
+  slower; every 1 s, 1% and 6-11%. Two cold builds took 569.1 s (0.1 s) and 565.9 s (1 s),
+  within the noise. The default is 1 s;
 * the time of ``load_zoo`` on the built zoo (best and every run).
 
 Targets of the mini-world issue: build <= 8 minutes cold on the 2-core CPU, load <= 5 s, peak

@@ -1,29 +1,15 @@
 """tools/expert_recipes.py: retrain the mini world's experts with another recipe, on a tiny zoo."""
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors.torch import load_file
 from test_zoo import TINY
 
 from course_lib.models.linearized import Linearized
 from course_lib.models.zoo import build_zoo, load_zoo
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "expert_recipes", ROOT / "tools" / "expert_recipes.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["expert_recipes"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def _run(tool, root, out, *extra):
 
 @pytest.fixture
 def tool():
-    return _tool()
+    return load_tool("expert_recipes")
 
 
 def test_parse_overrides_types_and_errors(tool):

@@ -1,21 +1,8 @@
 """tools/grade.py: an instructor's check of learners' notebooks."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import nbformat
+from conftest import load_tool
 from nbformat.v4 import new_code_cell, new_notebook
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _grade_module():
-    spec = importlib.util.spec_from_file_location("grade", ROOT / "tools" / "grade.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grade"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _check(source):
@@ -23,7 +10,7 @@ def _check(source):
 
 
 def test_grade_classifies_pass_open_wrong_and_error(tmp_path, capsys):
-    grade = _grade_module()
+    grade = load_tool("grade")
     ok = "lambda a, e: {t: 100 * a[t] / e[t] for t in a}"
     fraction = "lambda a, e: {t: a[t] / e[t] for t in a}"
     nb = new_notebook(
@@ -49,7 +36,7 @@ def test_grade_classifies_pass_open_wrong_and_error(tmp_path, capsys):
 
 
 def test_grade_passes_a_notebook_whose_checks_all_pass(tmp_path):
-    grade = _grade_module()
+    grade = load_tool("grade")
     nb = new_notebook(cells=[_check("from course_lib import checks\nprint('fine')")])
     path = tmp_path / "done.ipynb"
     nbformat.write(nb, path)
@@ -57,6 +44,6 @@ def test_grade_passes_a_notebook_whose_checks_all_pass(tmp_path):
 
 
 def test_a_cell_that_never_ran_is_an_error():
-    grade = _grade_module()
+    grade = load_tool("grade")
     cell = _check("checks.check_trim(my_trim)")
     assert grade.classify(cell).status == "error"

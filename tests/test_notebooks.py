@@ -4,24 +4,15 @@ The solution notebooks themselves are executed by nbval (``pytest --nbval-lax no
 part of ``make test``): every cell must run and every ``assert`` cell states a lesson's claim.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-
-
-def _make_student():
-    spec = importlib.util.spec_from_file_location(
-        "make_student", ROOT / "tools" / "make_student.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_there_are_six_vision_notebooks_with_exercises_and_checks():
@@ -36,7 +27,7 @@ def test_there_are_six_vision_notebooks_with_exercises_and_checks():
 
 
 def test_strip_solutions_replaces_each_block_with_a_stub():
-    ms = _make_student()
+    ms = load_tool("make_student")
     src = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\nprint(f)"
     out, blocks = ms.strip_solutions(src, "cell")
     assert blocks == 1
@@ -48,11 +39,11 @@ def test_strip_solutions_replaces_each_block_with_a_stub():
 
 
 def test_student_notebooks_are_up_to_date():
-    assert _make_student().main(["--check"]) == 0, "run: python tools/make_student.py"
+    assert load_tool("make_student").main(["--check"]) == 0, "run: python tools/make_student.py"
 
 
 def test_student_notebooks_carry_no_solution_and_no_output():
-    ms = _make_student()
+    ms = load_tool("make_student")
     for path in SOLUTIONS:
         student = nbformat.read(ms.STUDENT / path.name, as_version=4)
         for cell in student.cells:

@@ -29,9 +29,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+CELL_TIMEOUT = 3600  # seconds one cell may run by default (see the module docstring)
 
 
-def execute(path: Path, target: Path, timeout: int | None = 3600) -> float:
+def execute(path: Path, target: Path, timeout: int | None = CELL_TIMEOUT) -> float:
     """Run one notebook with its folder as working directory; write it to ``target``.
 
     ``timeout``: seconds one cell may run (None: no limit)."""
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inplace", action="store_true", help="overwrite notebooks/ with the outputs")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
     ap.add_argument(
-        "--timeout", type=int, default=3600, help="seconds one cell may run (0: no limit)"
+        "--timeout", type=int, default=CELL_TIMEOUT, help="seconds one cell may run (0: no limit)"
     )
     args = ap.parse_args(argv)
     # progress bars would fill the stored outputs (with ipywidgets installed, transformers' own
