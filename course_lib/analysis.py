@@ -28,6 +28,7 @@ from torch import Tensor
 
 from course_lib import config
 from course_lib.merging._base import deltas
+from course_lib.merging._select import kth_largest_count
 from course_lib.merging.ties import trim
 from course_lib.state import TaskVector, check_number, same_keys
 
@@ -50,7 +51,10 @@ def cosine_matrix(vectors: Sequence[TaskVector]) -> Tensor:
 
 
 def mass_curve(vector: TaskVector, fractions: Sequence[float]) -> list[float]:
-    """Share of ``||tau||^2`` carried by the top ``f`` fraction of entries (by magnitude), per f."""
+    """Share of ``||tau||^2`` carried by the top ``f`` fraction of entries (by magnitude), per f.
+
+    The top ``f`` of n entries are ``max(1, floor(f * n))`` of them, the count TIES's trim keeps
+    (:func:`course_lib.merging._select.kth_largest_count`)."""
     flat = vector.flatten().abs().float()
     sq = flat.square().sort(descending=True).values
     cum = sq.cumsum(0)
@@ -59,7 +63,7 @@ def mass_curve(vector: TaskVector, fractions: Sequence[float]) -> list[float]:
     for f in fractions:
         if not 0.0 < f <= 1.0:
             raise ValueError(f"fractions must lie in (0, 1], got {f}")
-        k = max(1, round(f * sq.numel()))
+        k = kth_largest_count(sq.numel(), f)
         out.append(float(cum[k - 1]) / total)
     return out
 

@@ -37,8 +37,17 @@ def test_mass_curve_by_hand():
     tv = TaskVector({"w": torch.tensor([3.0, -4.0, 0.0, 1.0]), "b": torch.tensor([0.0] * 6)})
     # squares 16, 9, 1 of a total 26; the top 10% of 10 entries is 1 entry
     assert mass_curve(tv, [0.1, 0.2, 1.0]) == pytest.approx([16 / 26, 25 / 26, 1.0])
+    # 0.27 of 10 entries is 2 (floor, as TIES's trim counts), not round(2.7) = 3
+    assert mass_curve(tv, [0.27]) == pytest.approx([25 / 26])
     with pytest.raises(ValueError, match="fractions"):
         mass_curve(tv, [0.0])
+
+
+def test_mass_curve_passes_the_exercise_checker_it_is_compared_with():
+    """Notebook 02 asks learners to compare their top_mass_share with this curve."""
+    from course_lib import checks
+
+    assert checks.check_top_mass_share(lambda tau, f: mass_curve(TaskVector({"w": tau}), [f])[0])
 
 
 def test_sign_conflicts_by_hand_and_after_trimming():
