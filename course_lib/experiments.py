@@ -360,7 +360,9 @@ def negation(
     tolerance: float = 5.0,
 ) -> NegationResult:
     """theta_0 - lambda tau_task: the largest lambda whose *other* tasks stay within
-    ``tolerance`` points of zero-shot on val (the paper's control-task rule, Sec. 3).
+    ``tolerance`` points of zero-shot on val. A simpler rule of the kind the paper uses (Sec. 3:
+    the lambda that lowers the target most while a control task keeps >= 95% of theta_0's
+    accuracy); here every other task is a control, with an absolute tolerance.
 
     If no lambda passes, the smallest is used and ``within_tolerance`` is False (say so)."""
     tau: TaskVector = task_vector(zoo.pretrained, zoo.experts[task])

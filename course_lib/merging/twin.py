@@ -1,8 +1,9 @@
 """Twin-Merging: a shared expert plus compressed, input-routed exclusive knowledge
 (Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise", NeurIPS 2024, Sec. 3).
 
-1. **shared_expert** (Sec. 3.2): theta* = any static merge of the experts; the paper and code use
-   task arithmetic, theta* = theta_0 + 0.3 * sum_t tau_t.
+1. **shared_expert** (Sec. 3.2): theta* = any static merge of the experts; the paper's code uses
+   task arithmetic, theta* = theta_0 + lambda * sum_t tau_t with lambda = 0.29 (RoBERTa) or 0.3
+   (Qwen LoRA experts); the course uses 0.3.
 2. **twin_vectors**: the exclusive knowledge of each expert, v_t = theta_t - theta*.
 3. **compress** (Sec. 3.2, "SVD"): keep the top k = ceil(rank_ratio * min(m, n)) singular
    triplets of every 2-D v_t[key]; 1-D tensors (LayerNorm, biases) stay dense. The stored cost
