@@ -360,7 +360,6 @@ class TaskVector(Mapping[str, Tensor]):
         if missing:
             raise ValueError(f"key {missing[0]!r} of the task vector is not in pretrained")
         out: StateDict = {}
-        updated: dict[tuple, str] = {}  # storage of pretrained tensors that are updated
         for name, base in pretrained.items():
             if name in self.vector:
                 delta = self.vector[name]
@@ -375,14 +374,27 @@ class TaskVector(Mapping[str, Tensor]):
                         f"pretrained tensor of dtype {base.dtype} (floating-point tensors only)"
                     )
                 out[name] = (base.float() + scaling * delta.float()).to(base.dtype)
-                sid = _storage_id(base)
-                if sid is not None:
-                    updated.setdefault(sid, name)
-        for name, base in pretrained.items():
-            if name not in out:
-                tied = updated.get(_storage_id(base)) if _storage_id(base) is not None else None
-                out[name] = out[tied] if tied is not None else base.clone()
-        return {k: out[k] for k in pretrained}
+        return with_passthrough(out, pretrained)
+
+
+def with_passthrough(updated: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> StateDict:
+    """The whole state dict, in ``reference``'s key order: the ``updated`` tensors, and every
+    other key cloned from ``reference``, except a key that shares storage with an updated one
+    (a tied ``lm_head.weight``): it points at the updated tensor, so the tie survives."""
+    by_storage: dict[tuple, str] = {}
+    for name in updated:
+        sid = _storage_id(reference[name])
+        if sid is not None:
+            by_storage.setdefault(sid, name)
+    out: StateDict = {}
+    for name, base in reference.items():
+        if name in updated:
+            out[name] = updated[name]
+            continue
+        sid = _storage_id(base)
+        tied = by_storage.get(sid) if sid is not None else None
+        out[name] = updated[tied] if tied is not None else base.clone()
+    return out
 
 
 def task_vector(
@@ -391,11 +403,11 @@ def task_vector(
     keys: str | None = None,
     exclude: str | None = None,
 ) -> TaskVector:
-    """``tau = theta_ft - theta_0`` over the merged keys (Ilharco et al., 2023, Eq. 1)."""
-    validate(pretrained, [finetuned_one])
-    p = plan(pretrained, keys, exclude)
-    check_tied(p, [finetuned_one])
-    return TaskVector({k: finetuned_one[k] - pretrained[k] for k in p.merged})
+    """``tau = theta_ft - theta_0`` over the merged keys (Ilharco et al., 2023, Eq. 1), in float32
+    whatever the checkpoints' dtype: a bf16 or fp16 difference would round, and
+    ``tau.apply_to(theta_0)`` would not give ``theta_ft`` back (nor agree with the mergers,
+    which all compute in float32)."""
+    return task_vectors(pretrained, [finetuned_one], keys, exclude)[0]
 
 
 def task_vectors(
@@ -404,8 +416,10 @@ def task_vectors(
     keys: str | None = None,
     exclude: str | None = None,
 ) -> list[TaskVector]:
-    """One :class:`TaskVector` per fine-tuned model."""
+    """One :class:`TaskVector` per fine-tuned model (float32, as :func:`task_vector`)."""
     validate(pretrained, finetuned)
     p = plan(pretrained, keys, exclude)
     check_tied(p, finetuned)
-    return [TaskVector({k: ft[k] - pretrained[k] for k in p.merged}) for ft in finetuned]
+    return [
+        TaskVector({k: ft[k].float() - pretrained[k].float() for k in p.merged}) for ft in finetuned
+    ]

@@ -9,6 +9,12 @@ def test_grid_values_are_exact():
     assert grid_values(0.0, 1.0, 0.05)[:3] == [0.0, 0.05, 0.1]
     assert grid_values(0.0, 1.0, 0.05)[-1] == 1.0
     assert len(grid_values(0.8, 2.5, 0.1)) == 18
+    assert len(grid_values(0.0, 0.3, 0.1)) == 4  # 0.3 / 0.1 is 2.9999999999999996 in floats
+
+
+def test_grid_values_never_pass_stop():
+    assert grid_values(0.0, 1.0, 0.6) == [0.0, 0.6]
+    assert grid_values(0.8, 2.5, 0.3)[-1] == 2.3
 
 
 def test_grid_finds_the_best_shared_lambda():

@@ -77,6 +77,17 @@ def test_filters_skip_heads_and_integer_buffers(models):
     assert not torch.equal(out["enc.weight"], pre["enc.weight"])
 
 
+def test_half_precision_task_vector_is_float32_and_gives_the_expert_back():
+    # in bfloat16, -0.00390625 - 256 rounds to -256: theta_0 + tau would come back as 0
+    pre = {"w": torch.tensor([256.0, 3.0, 0.2], dtype=torch.bfloat16)}
+    ft = {"w": torch.tensor([-0.00390625, 1.0, -0.2001953125], dtype=torch.bfloat16)}
+    tv = task_vector(pre, ft)
+    assert tv["w"].dtype == torch.float32
+    back = tv.apply_to(pre, scaling=1.0)["w"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, ft["w"])
+    assert torch.equal(back, task_arithmetic(pre, [ft], scaling=1.0)["w"])
+
+
 def test_tied_weights_are_merged_once_and_stay_tied():
     emb = torch.randn(5, 3)
     pre = {"embed.weight": emb, "lm_head.weight": emb}  # same storage, as in a tied state dict

@@ -27,6 +27,21 @@ from course_lib.merging.twin import (
 )
 
 
+def test_merge_with_weights_keeps_a_tied_key_tied_to_its_merged_source():
+    emb = torch.randn(5, 3)
+    pre = {"embed.weight": emb, "lm_head.weight": emb, "ln": torch.ones(3)}  # one storage
+    fts = []
+    for s in (1.0, -2.0):
+        w = emb + s
+        fts.append({"embed.weight": w, "lm_head.weight": w, "ln": torch.ones(3) * s})
+    shared = shared_expert(pre, fts)
+    vectors = twin_vectors(shared, fts)
+    assert set(vectors[0]) == {"embed.weight", "ln"}  # the tied key is merged once
+    out = merge_with_weights(shared, vectors, [1.0, 0.0])
+    assert out["lm_head.weight"] is out["embed.weight"]
+    assert_close(out["lm_head.weight"], fts[0]["lm_head.weight"])
+
+
 def test_shared_expert_defaults_to_task_arithmetic_0_3(models):
     pre, fts = models
     assert_close(

@@ -55,13 +55,15 @@ def _cached(evaluate: Evaluate, history: list[tuple[list[float], float]]) -> Eva
 
 
 def grid_values(start: float, stop: float, step: float) -> list[float]:
-    """Inclusive grid, e.g. grid_values(0, 1, 0.05) -> [0.0, 0.05, ..., 1.0] without float drift."""
+    """Inclusive grid, e.g. grid_values(0, 1, 0.05) -> [0.0, 0.05, ..., 1.0] without float drift.
+
+    It never passes ``stop``: grid_values(0, 1, 0.6) -> [0.0, 0.6]."""
     start, stop, step = (
         check_number(n, v) for n, v in (("start", start), ("stop", stop), ("step", step))
     )
     if step <= 0 or stop < start:
         raise ValueError(f"need step > 0 and stop >= start, got {start}, {stop}, {step}")
-    n = int(round((stop - start) / step))
+    n = math.floor((stop - start) / step + 1e-9)
     return [round(start + i * step, 10) for i in range(n + 1)]
 
 

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from course_lib.config import progress_bar
 from course_lib.merging._base import prepare
 from course_lib.merging.task_arithmetic import task_arithmetic
-from course_lib.state import StateDict, TaskVector, check_count, check_finite, check_number
+from course_lib.state import (
+    StateDict,
+    TaskVector,
+    check_count,
+    check_finite,
+    check_number,
+    with_passthrough,
+)
 
 # -- 1. shared expert ----------------------------------------------------------------------
 
@@ -120,7 +127,11 @@ class CompressedVector:
 
 
 def svd_rank(shape: Sequence[int], rank_ratio: float) -> int:
-    """k = ceil(rank_ratio * min(m, n)), at least 1."""
+    """k = ceil(rank_ratio * min(m, n)), at least 1.
+
+    The reference code truncates instead, k = int(rank_ratio * min(m, n)) (76 rather than 77 for
+    a 768-wide matrix at 0.1); we round up so that a small matrix keeps at least the fraction
+    asked for (int(0.1 * 8) would keep nothing)."""
     return max(1, math.ceil(rank_ratio * min(shape) - 1e-9))
 
 
@@ -276,7 +287,7 @@ def merge_with_weights(
             if wt != 0.0:
                 acc.add_(v[key].float(), alpha=wt)
         merged[key] = acc.to(shared[key].dtype)
-    return {k: merged[k] if k in merged else t.clone() for k, t in shared.items()}
+    return with_passthrough(merged, shared)  # a key tied to a merged one stays tied to it
 
 
 def _shape_of(vector: Mapping[str, Tensor] | CompressedVector, key: str) -> tuple[int, ...]:
