@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import ClassLabel, Dataset, DatasetDict, Features  # noqa: E402
@@ -243,6 +244,11 @@ def image_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"saved": root / "saved", "parquet": root / "parquet"}
 
 
+def permutation(n: int) -> list[int]:
+    """The fixed order the hub loader serves a split of ``n`` examples in."""
+    return np.random.default_rng(vision_hub.ORDER_SEED).permutation(n).tolist()
+
+
 def ids(task, split: str) -> list[int]:
     return [im.convert("RGB").getpixel((0, 0))[0] for im in task.splits[split]["image"]]
 
@@ -259,7 +265,9 @@ def test_hub_task_splits_and_validation(image_dirs, layout):
     # the same examples as FusionBench's train_validation_split(fraction 0.1, seed 0)
     g = torch.Generator().manual_seed(0)
     _, fb_val = torch.utils.data.random_split(range(N_TRAIN), [36, 4], generator=g)
-    assert ids(task, "val") == sorted(fb_val.indices)
+    assert sorted(ids(task, "val")) == sorted(fb_val.indices)
+    # ... served in one fixed random order, whatever the layout
+    assert ids(task, "val") == [sorted(fb_val.indices)[i] for i in permutation(4)]
     assert sorted(ids(task, "train") + ids(task, "val")) == list(range(N_TRAIN))
     assert task.classnames == ["banded", "bubbly dots", "zigzagged"]
     assert task.templates == list(vision_hub.FULL_TASKS["DTD"].templates)
@@ -269,17 +277,36 @@ def test_hub_task_splits_and_validation(image_dirs, layout):
 
 def test_hub_task_batches_are_clip_preprocessed(image_dirs):
     task = load_hub_task("DTD", data_dir=image_dirs["saved"], image_size=IMAGE)
-    pixels, labels = next(task.batches("test", batch_size=5))
-    assert pixels.shape == (5, 3, IMAGE, IMAGE) and pixels.dtype == torch.float32
+    pixels, labels = next(task.batches("test", batch_size=N_TEST))
+    assert pixels.shape == (N_TEST, 3, IMAGE, IMAGE) and pixels.dtype == torch.float32
     assert labels.dtype == torch.int64
-    assert labels.tolist() == [i % 3 for i in range(100, 105)]
+    served = [100 + int(i) for i in permutation(N_TEST)]  # the examples, in the served order
+    assert labels.tolist() == [i % 3 for i in served]
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    for j, i in enumerate(range(101, 105), start=1):  # solid colours survive resize + crop
+    for j, i in enumerate(served):
+        if i == 100:  # stored as a grayscale ("L") image: three equal channels
+            grey = pixels[j] * std + mean
+            torch.testing.assert_close(grey[0], grey[1])
+            torch.testing.assert_close(grey[1], grey[2])
+            continue
+        # solid colours survive resize + crop
         expected = (torch.tensor(colour(i), dtype=torch.float32)[:, None, None] / 255 - mean) / std
         torch.testing.assert_close(pixels[j], expected.expand(3, IMAGE, IMAGE))
-    grey = pixels[0] * std + mean  # example 100 is stored as a grayscale ("L") image
-    torch.testing.assert_close(grey[0], grey[1])
-    torch.testing.assert_close(grey[1], grey[2])
+
+
+def test_hub_task_limit_sees_every_class(tmp_path):
+    """The hub stores images class by class; the first ``limit`` served must not be one class."""
+    n = 30
+    images = [Image.new("RGB", (16, 16), colour(i)) for i in range(n)]
+    labels = [i * len(NAMES) // n for i in range(n)]  # 0 x 10, 1 x 10, 2 x 10: sorted by class
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=NAMES)})
+    split = Dataset.from_dict({"image": images, "label": labels}, features=features)
+    DatasetDict({"train": split, "test": split}).save_to_disk(tmp_path / "sorted")
+    task = load_hub_task("DTD", data_dir=tmp_path / "sorted", image_size=IMAGE)
+    _, first = next(task.batches("test", batch_size=9, limit=9))
+    assert set(first.tolist()) == {0, 1, 2}  # in dataset order: nine 0s
+    assert sorted(task.labels("test").tolist()) == labels  # the same examples, reordered
+    assert task.labels("test").tolist() == [labels[i] for i in permutation(n)]
 
 
 def test_hub_task_subsets_are_deterministic(image_dirs):
@@ -318,3 +345,51 @@ def test_full_task_table():
     assert len(vision_hub.GTSRB_CLASSNAMES) == 43 and len(vision_hub.EUROSAT_CLASSNAMES) == 10
     for spec in vision_hub.FULL_TASKS.values():
         assert spec.templates and all(t.count("{}") == 1 for t in spec.templates)
+
+
+def test_full_templates_are_fusionbenchs():
+    """The experts were fine-tuned against heads from FusionBench's prompt lists: same lists."""
+    counts = {n: len(spec.templates) for n, spec in vision_hub.FULL_TASKS.items()}
+    assert counts == {
+        "SUN397": 2,
+        "Cars": 8,
+        "RESISC45": 18,
+        "EuroSAT": 3,
+        "SVHN": 1,
+        "GTSRB": 3,
+        "MNIST": 1,
+        "DTD": 8,
+    }
+    prompts = {n: [t.format("x") for t in s.templates] for n, s in vision_hub.FULL_TASKS.items()}
+    assert prompts["MNIST"] == prompts["SVHN"] == ['a photo of the number: "x".']
+    assert prompts["EuroSAT"][1] == "a centered satellite photo of a x."
+    assert prompts["GTSRB"][2] == 'a close up photo of a "x" traffic sign.'
+    assert prompts["RESISC45"][0] == "satellite imagery of x."
+    assert prompts["RESISC45"][-1] == "aerial view of the x."
+    assert prompts["DTD"][3] == "a photo of a x object."
+    assert prompts["Cars"][3] == "i love my x!"
+    assert all(len(set(p)) == len(p) for p in prompts.values())
+
+
+def test_full_heads_are_rebuilt_when_their_prompts_change(clip, tmp_path, monkeypatch):
+    from course_lib.data.base import VisionTask
+    from course_lib.models import zoo
+
+    model, tokenizer = clip
+    tasks = {"DTD": VisionTask("DTD", ["banded", "dotted"], ["a {}."], splits={})}
+    path = tmp_path / "heads.safetensors"
+    built = zoo._full_heads(path, model, tokenizer, tasks)
+    assert built["DTD"].shape == (2, PROJ) and path.exists()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the stored heads should have been read")
+
+    with monkeypatch.context() as m:  # same model, names and templates: read back
+        m.setattr(zoo, "zeroshot_head", no_build)
+        torch.testing.assert_close(
+            zoo._full_heads(path, model, tokenizer, tasks)["DTD"], built["DTD"]
+        )
+    tasks["DTD"].templates = ["a photo of a {} texture."]  # other prompts: another head
+    rebuilt = zoo._full_heads(path, model, tokenizer, tasks)
+    assert not torch.allclose(rebuilt["DTD"], built["DTD"])
+    torch.testing.assert_close(load_file(str(path))["DTD"], rebuilt["DTD"])

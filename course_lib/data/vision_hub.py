@@ -11,7 +11,14 @@ resized to 224 with bicubic filtering, centre crop, CLIP mean/std normalization)
 Class names come from each dataset's ``ClassLabel`` feature (underscores become spaces), except
 for EuroSAT and GTSRB, whose label names are codes or numbers: there we use the descriptive names
 of the CLIP paper's prompts (as also used by FusionBench and the task_vectors code), in label
-order. Prompt templates are short CLIP-style lists written for this course.
+order. The prompt templates are the ones FusionBench builds its zero-shot heads from
+(``fusion_bench/tasks/clip_classification/<task>.py``, which keep the task_vectors code's lists):
+the published experts were fine-tuned against those frozen heads, so a head made from other
+prompts is another classifier and lowers every expert's and merge's accuracy.
+
+Every split is served in one fixed random order (:data:`ORDER_SEED`): the hub datasets are
+stored sorted by label, and the course often evaluates the first ``limit`` examples of a split,
+which would otherwise be the first few classes only.
 
 ``load_hub_task(name, data_dir=...)`` reads a local copy instead (a ``save_to_disk`` folder or any
 folder ``datasets.load_dataset`` understands), which is how the tests run offline.
@@ -37,6 +44,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VAL_FRACTION = 0.1  # FusionBench: validation_fraction 0.1, random_seed 0
 VAL_SEED = 0
+ORDER_SEED = 0  # the one fixed order every split is served in (see the module docstring)
 
 # Descriptive EuroSAT names in label order (AnnualCrop, Forest, HerbaceousVegetation, Highway,
 # Industrial, Pasture, PermanentCrop, Residential, River, SeaLake), from the CLIP prompts.
@@ -101,13 +109,38 @@ GTSRB_CLASSNAMES = (
     "white circle with gray strike bar indicating no passing for trucks has ended",
 )
 
-PHOTO = ("a photo of a {}.", "a photo of the {}.", "a cropped photo of a {}.")
-SATELLITE = (
-    "a satellite photo of {}.",
-    "a centered satellite photo of {}.",
-    "an aerial photo of {}.",
+# Prompt templates per task, as FusionBench lists them (see the module docstring).
+PHOTO = ("a photo of a {}.", "a photo of the {}.")
+CAR = PHOTO + (
+    "a photo of my {}.",
+    "i love my {}!",
+    "a photo of my dirty {}.",
+    "a photo of my clean {}.",
+    "a photo of my new {}.",
+    "a photo of my old {}.",
 )
-DIGITS = ('a photo of the number: "{}".', "a photo of the digit {}.", 'the number "{}".')
+AERIAL = tuple(
+    f"{kind} {view} of {article}{{}}."
+    for article in ("", "a ", "the ")
+    for kind, view in (
+        ("satellite", "imagery"),
+        ("aerial", "imagery"),
+        ("satellite", "photo"),
+        ("aerial", "photo"),
+        ("satellite", "view"),
+        ("aerial", "view"),
+    )
+)
+SATELLITE = tuple(f"a centered satellite photo of {a}{{}}." for a in ("", "a ", "the "))
+NUMBER = ('a photo of the number: "{}".',)
+TRAFFIC_SIGN = tuple(
+    f'a {view} photo of a "{{}}" traffic sign.' for view in ("zoomed in", "centered", "close up")
+)
+TEXTURE = tuple(
+    f"a photo of {article} {{}} {kind}."
+    for article in ("a", "the")
+    for kind in ("texture", "pattern", "thing", "object")
+)
 
 
 @dataclass(frozen=True)
@@ -125,35 +158,14 @@ class HubTaskSpec:
 
 
 FULL_TASKS: dict[str, HubTaskSpec] = {
-    "SUN397": HubTaskSpec("tanganke/sun397", "sun397", PHOTO[:2] + ("a photo of a scene: a {}.",)),
-    "Cars": HubTaskSpec(
-        "tanganke/stanford_cars",
-        "stanford-cars",
-        ("a photo of a {}.", "a photo of the {}, a type of car.", "a photo of my {}."),
-    ),
-    "RESISC45": HubTaskSpec("tanganke/resisc45", "resisc45", SATELLITE),
+    "SUN397": HubTaskSpec("tanganke/sun397", "sun397", PHOTO),
+    "Cars": HubTaskSpec("tanganke/stanford_cars", "stanford-cars", CAR),
+    "RESISC45": HubTaskSpec("tanganke/resisc45", "resisc45", AERIAL),
     "EuroSAT": HubTaskSpec("tanganke/eurosat", "eurosat", SATELLITE, classnames=EUROSAT_CLASSNAMES),
-    "SVHN": HubTaskSpec("ufldl-stanford/svhn", "svhn", DIGITS, config="cropped_digits"),
-    "GTSRB": HubTaskSpec(
-        "tanganke/gtsrb",
-        "gtsrb",
-        (
-            'a zoomed in photo of a "{}" traffic sign.',
-            'a centered photo of a "{}" traffic sign.',
-            'a photo of a "{}" road sign.',
-        ),
-        classnames=GTSRB_CLASSNAMES,
-    ),
-    "MNIST": HubTaskSpec("ylecun/mnist", "mnist", DIGITS[:2] + ("a handwritten digit {}.",)),
-    "DTD": HubTaskSpec(
-        "tanganke/dtd",
-        "dtd",
-        (
-            "a photo of a {} texture.",
-            "a photo of a {} pattern.",
-            "a close-up photo of a {} surface.",
-        ),
-    ),
+    "SVHN": HubTaskSpec("ufldl-stanford/svhn", "svhn", NUMBER, config="cropped_digits"),
+    "GTSRB": HubTaskSpec("tanganke/gtsrb", "gtsrb", TRAFFIC_SIGN, classnames=GTSRB_CLASSNAMES),
+    "MNIST": HubTaskSpec("ylecun/mnist", "mnist", NUMBER),
+    "DTD": HubTaskSpec("tanganke/dtd", "dtd", TEXTURE),
 }
 
 
@@ -220,6 +232,14 @@ def subsample(ds: Dataset, size: int | None, seed: int = 0) -> Dataset:
     return ds.select(np.sort(idx))
 
 
+def fixed_order(ds: Dataset, seed: int = ORDER_SEED) -> Dataset:
+    """``ds`` in one fixed random order, so that its first ``n`` examples are a uniform sample.
+
+    The hub's image datasets are stored class by class; without this, ``batches(..., limit=n)``
+    (the first ``n`` examples) would see only the first classes of a task."""
+    return ds.select(np.random.default_rng(seed).permutation(len(ds)))
+
+
 def _read(spec: HubTaskSpec, revision: str | None, data_dir: str | os.PathLike | None):
     """The raw DatasetDict: a local copy when ``data_dir`` is given, else the hub dataset."""
     if data_dir is None:
@@ -265,7 +285,8 @@ def load_hub_task(
     """One full-profile task with train/val/test splits.
 
     ``sizes`` keeps at most that many examples per split (an int for all splits, or a mapping
-    such as ``{"train": 2000, "test": 500}``) for quick runs, drawn with ``seed``. The
+    such as ``{"train": 2000, "test": 500}``) for quick runs, drawn with ``seed``. Each split is
+    then served in a fixed random order (:func:`fixed_order`), the same whatever ``seed``. The
     validation examples are always FusionBench's (seed 0) whatever ``seed`` is. ``revision``
     pins the hub dataset; ``data_dir`` reads a local copy; ``image_size`` should be the
     model's ``vision_config.image_size``.
@@ -282,6 +303,7 @@ def load_hub_task(
     if sizes is not None:
         per_split = sizes if isinstance(sizes, Mapping) else dict.fromkeys(splits, sizes)
         splits = {s: subsample(ds, per_split.get(s), seed) for s, ds in splits.items()}
+    splits = {s: fixed_order(ds) for s, ds in splits.items()}
     return HubVisionTask(
         name=name,
         classnames=_classnames(spec, name, raw["train"].features[spec.label_column]),

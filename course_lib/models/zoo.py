@@ -492,6 +492,35 @@ def verify_zoo(root: Path | None = None) -> list[str]:
 # ----------------------------------------------------------------------------- the full profile
 
 
+def head_digest(model: str, task: VisionTask) -> str:
+    """What a zero-shot head depends on: the CLIP (id and revision), class names, templates."""
+    blob = json.dumps([model, task.classnames, task.templates]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _full_heads(
+    path: Path, clip: CLIPModel, tokenizer, tasks: Mapping[str, VisionTask]
+) -> dict[str, Tensor]:
+    """The full profile's zero-shot heads: read from ``path`` when each was built from the same
+    model, class names and templates (its digest is stored beside it), else built and saved."""
+    model = f"{hub.FULL_MODEL}@{hub.REVISIONS[hub.FULL_MODEL]}"
+    digests = {n: head_digest(model, t) for n, t in tasks.items()}
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            stored = f.metadata() or {}
+        if all(stored.get(n) == d for n, d in digests.items()):
+            return load_file(str(path))
+    dev = config.device()
+    heads = {
+        n: zeroshot_head(clip, tokenizer, t.classnames, t.templates, device=dev)
+        for n, t in tasks.items()
+    }
+    save_tensors(path, heads, metadata=digests)
+    return heads
+
+
 def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
     """CLIP ViT-B/32 and the eight published experts from the hub (GPU recommended)."""
     from course_lib.data import vision_hub
@@ -500,16 +529,7 @@ def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
     clip, tokenizer = hub.load_clip()
     theta0 = hub.image_encoder_state(clip)
     tasks = {n: vision_hub.load_hub_task(n) for n in vision_hub.FULL_TASKS}
-    heads_file = root / "heads.safetensors"
-    if heads_file.exists():
-        heads = load_file(str(heads_file))
-    else:
-        dev = config.device()
-        heads = {
-            n: zeroshot_head(clip, tokenizer, t.classnames, t.templates, device=dev)
-            for n, t in tasks.items()
-        }
-        save_tensors(heads_file, heads)
+    heads = _full_heads(root / "heads.safetensors", clip, tokenizer, tasks)
     experts = {n: hub.load_expert(n, theta0) for n in tasks}
     return Zoo(
         profile="full",
