@@ -10,9 +10,10 @@ key made of everything it depends on:
 - what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
   split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
   shapes, values), the same for the per-image predictions of ``Zoo.predict``; for the LLM's
-  router features the prompts; for Twin's answers the merged weights and the prompts; for
+  router features the prompts and the base model's weights; for Twin's answers the merged weights and the prompts; for
   Twin's compressed vectors the vectors and the rank ratio,
-- the digest of the course's numeric source code, torch's version and the device.
+- the digest of the course's numeric source code, the versions of torch and transformers, and
+  the device.
 
 Change any of them and the key changes, so a stale value is never served: at worst, work is done
 again. A zoo without a ``world`` (made by hand) is never cached. Four kinds of value are stored:
@@ -101,10 +102,25 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-@functools.cache
 def _code() -> str:
-    """What computes: the numeric source digest, torch's version and the device (once a process)."""
-    return f"{source_digest()}:torch {torch.__version__}:{config.device().type}"
+    """What computes: the numeric source digest, the versions of torch and transformers, and the
+    device, read at every call (``COURSE_DEVICE`` may change within a session)."""
+    return (
+        f"{_source()}:torch {torch.__version__}:transformers {_transformers_version()}"
+        f":{config.device().type}"
+    )
+
+
+@functools.cache
+def _source() -> str:  # the modules a process runs are the ones it imported: read once
+    return source_digest()
+
+
+@functools.cache
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 # ----------------------------------------------------------------------------- kinds of value

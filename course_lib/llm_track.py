@@ -210,7 +210,10 @@ def _pooled(zoo: LLMZoo, prompts: Sequence[str], batch_size: int = 64) -> Tensor
     if zoo.merged:
         raise ValueError("router features come from the base model: call outside zoo.using(...)")
     text = hashlib.sha256("\0".join(prompts).encode()).hexdigest()
-    parts = ["pooled last hidden state", batch_size, len(prompts), text]
+    # the base model's adapted weights stand for the base: they tell the mini profile's
+    # dequantized SmolLM2 from the hub's, or one hub revision from the next
+    base = evalcache.state_digest(zoo.pretrained) if evalcache.active(zoo.world) else ""
+    parts = ["pooled last hidden state", base, batch_size, len(prompts), text]
     compute = functools.partial(_pooled_batches, zoo, prompts, batch_size)
     return evalcache.remember(zoo.world, parts, compute, kind="tensor")
 

@@ -92,6 +92,20 @@ def test_changed_code_is_evaluated_again(cache, monkeypatch):
     assert evalcache.Memo("world", state(), "val", 500)("digits", compute) == 12.5
 
 
+def test_device_and_library_versions_are_part_of_the_key(cache, monkeypatch):
+    def memo(value: float) -> float:
+        return evalcache.Memo("world", state(), "val", 500)("digits", Compute(value=value))
+
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert memo(87.5) == 87.5
+    with monkeypatch.context() as m:  # the device is read at every call, not once a process
+        m.setenv("COURSE_DEVICE", "cuda")
+        assert memo(12.5) == 12.5
+    assert memo(-1.0) == 87.5  # back on the CPU: its own value
+    monkeypatch.setattr(evalcache, "_transformers_version", lambda: "another transformers")
+    assert memo(25.0) == 25.0
+
+
 def test_off_refresh_and_unknown_worlds(cache):
     with evalcache.using("off"):
         evalcache.Memo("world", state(), "val", 500)("digits", Compute())

@@ -280,6 +280,28 @@ def test_twin_remembers_router_features_and_answers(tiny_zoo, tmp_path, monkeypa
         track.stream_features(tiny_zoo, stream)  # a merged state is in the model
 
 
+def test_router_features_are_keyed_by_the_base_weights(tiny_zoo, tmp_path, monkeypatch):
+    """Another base model under the same world (the hub's SmolLM2 instead of the dequantized
+    one, or another hub revision) must not be served the first one's features."""
+    import dataclasses
+
+    from course_lib import config, evalcache
+    from course_lib import llm_track as track
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tiny_zoo, "world", "tiny llm world")
+    calls = []
+    pooled = track._pooled_batches
+    monkeypatch.setattr(track, "_pooled_batches", lambda *a: calls.append(1) or pooled(*a))
+    other = {k: v + 1e-3 for k, v in tiny_zoo.pretrained.items()}
+    with evalcache.using("on"):
+        first = track.pooled_features(tiny_zoo, "colour", "val")
+        assert torch.equal(track.pooled_features(tiny_zoo, "colour", "val"), first)
+        assert len(calls) == 1  # served
+        track.pooled_features(dataclasses.replace(tiny_zoo, pretrained=other), "colour", "val")
+        assert len(calls) == 2
+
+
 def test_zoo_of_non_layer_weights_is_a_clear_error(tiny_zoo):
     z = tiny_zoo
     head = {"lm_head.weight": z.model.lm_head.weight.detach().clone()}
