@@ -206,6 +206,14 @@ def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
             f"for {more.tolist()} expected 2/3: a conflict between any two tasks counts, "
             f"not only those with task 0 (got {got:.4f})"
         )
+    # ... and tasks that are not neighbours: column 0 is +1, 0, -1 (a zero between them)
+    apart = torch.tensor([[1.0, 2.0], [0.0, 1.0], [-1.0, 1.0]])
+    got = _scalar(fn(apart.clone()), "conflict_rate")
+    if not _close(got, 1 / 2):
+        raise ExerciseError(
+            f"for {apart.tolist()} expected 1/2: tasks 0 and 2 conflict in column 0 although "
+            f"task 1 between them is 0; compare every pair of tasks, not neighbours (got {got:.4f})"
+        )
     return _ok("a conflict is a column with at least one positive and one negative entry")
 
 

@@ -397,6 +397,37 @@ def with_passthrough(updated: Mapping[str, Tensor], reference: Mapping[str, Tens
     return out
 
 
+def to_float32(state: Mapping[str, Tensor]) -> StateDict:
+    """``state`` with every floating tensor in float32 (exact for bf16 and fp16); float32 and
+    integer tensors are the same objects, and tensors sharing storage stay shared."""
+    done: dict[tuple, Tensor] = {}
+    out: StateDict = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.dtype == torch.float32:
+            out[name] = t
+            continue
+        sid = _storage_id(t)
+        if sid is None:
+            out[name] = t.float()
+        else:
+            out[name] = done.setdefault(sid, t.float())
+    return out
+
+
+def cast_like(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> StateDict:
+    """Each tensor of ``state`` in the dtype of ``reference``'s tensor of the same name (rounded
+    once); a tensor that several keys share (a tie) is cast once and stays shared."""
+    done: dict[int, Tensor] = {}
+    out: StateDict = {}
+    for name, t in state.items():
+        dtype = reference[name].dtype
+        if t.dtype == dtype:
+            out[name] = t
+        else:
+            out[name] = done.setdefault(id(t), t.to(dtype))
+    return out
+
+
 def task_vector(
     pretrained: Mapping[str, Tensor],
     finetuned_one: Mapping[str, Tensor],

@@ -322,6 +322,11 @@ def test_rounding_and_counting_mistakes_are_caught():
         lambda t: float((t[0] * t[1] < 0).float().mean()),
         "2/3",
     )
+    wrong(  # neighbours only: misses +1, 0, -1
+        checks.check_conflict_rate,
+        lambda t: float((t[:-1] * t[1:] < 0).any(0).float().mean()),
+        "not neighbours",
+    )
     largest = lambda t: t.gather(0, t.abs().argmax(0, keepdim=True)).squeeze(0).sign()  # noqa: E731
     wrong(checks.check_elect, largest, "not only the largest entry")
     wrong(checks.check_cosine, lambda a, b: abs(_cos(a, b)), "keeps its sign")

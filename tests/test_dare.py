@@ -46,6 +46,23 @@ def test_deterministic_and_seed_dependent():
     assert not torch.equal(a["enc.weight"], c["enc.weight"])
 
 
+def test_each_task_and_tensor_draws_its_own_mask():
+    """Masks are independent across tasks and keys: the same update is dropped in other places."""
+    pre = {"a": torch.zeros(4000), "b": torch.zeros(4000)}
+    fts = [{"a": torch.ones(4000), "b": torch.ones(4000)} for _ in range(3)]
+    experts = dare_experts(pre, fts, drop_rate=0.3, drop_only=True)
+    masks = [ex[k] != 0 for ex in experts for k in ("a", "b")]
+    for m in masks:
+        assert float(m.float().mean()) == pytest.approx(0.7, abs=0.03)
+    for i in range(len(masks)):
+        for j in range(i):  # two independent masks agree on 0.7^2 + 0.3^2 = 58% of the places
+            assert float((masks[i] == masks[j]).float().mean()) == pytest.approx(0.58, abs=0.03)
+    # the merge is task arithmetic of exactly these dropped and rescaled experts
+    merged = dare(pre, fts, drop_rate=0.3, scaling=0.5)
+    rescaled = dare_experts(pre, fts, drop_rate=0.3)
+    assert_close(merged["a"], task_arithmetic(pre, rescaled, 0.5)["a"])
+
+
 def test_drop_only_ablation_and_composition_with_ties():
     pre, fts = random_models()
     ex = dare_experts(pre, fts, 0.5, seed=0)

@@ -100,6 +100,17 @@ def test_tied_weights_are_merged_once_and_stay_tied():
     out = task_arithmetic(pre, fts, scaling=0.5)
     assert out["lm_head.weight"] is out["embed.weight"]
     assert_close(out["embed.weight"], emb + 1.5)
+    # DARE merges bf16 checkpoints in float32 (to_float32 / cast_like): the tie survives both
+    pre16 = {k: v.to(torch.bfloat16) for k, v in pre.items()}
+    pre16["lm_head.weight"] = pre16["embed.weight"]
+    fts16 = []
+    for ft in fts:
+        w = ft["embed.weight"].to(torch.bfloat16)
+        fts16.append({"embed.weight": w, "lm_head.weight": w})
+    out = METHODS["dare"](pre16, fts16, drop_rate=0.5)
+    assert (
+        out["lm_head.weight"] is out["embed.weight"] and out["embed.weight"].dtype == torch.bfloat16
+    )
 
 
 def test_task_arithmetic_formula(models):
@@ -133,9 +144,18 @@ def test_half_precision_is_merged_in_float32_and_returned_in_its_dtype():
     pre, fts = random_models(seed=1)
     pre16 = {k: v.to(torch.bfloat16) for k, v in pre.items()}
     fts16 = [{k: v.to(torch.bfloat16) for k, v in ft.items()} for ft in fts]
+    up = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731 - exact for bf16
     for name, fn in METHODS.items():
         out = fn(fts16) if name == "weight_average" else fn(pre16, fts16)
         assert all(v.dtype == torch.bfloat16 for v in out.values()), name
+        # the same numbers as merging the float32 values, rounded once at the end
+        ref = (
+            fn([up(f) for f in fts16])
+            if name == "weight_average"
+            else fn(up(pre16), [up(f) for f in fts16])
+        )
+        for k in out:
+            assert torch.equal(out[k], ref[k].to(torch.bfloat16)), (name, k)
 
 
 def test_registry_names():

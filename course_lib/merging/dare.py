@@ -22,7 +22,7 @@ from torch import Tensor
 
 from course_lib.merging._base import prepare, register
 from course_lib.merging.task_arithmetic import task_arithmetic
-from course_lib.state import StateDict
+from course_lib.state import StateDict, cast_like, to_float32
 
 
 def drop(tau: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
@@ -100,9 +100,20 @@ def dare(
 ) -> StateDict:
     """Drop-and-rescale every task vector, then merge with ``then(pretrained, experts, **then_kwargs)``.
 
-    With ``drop_rate=0`` the experts are unchanged and ``dare`` equals ``then``.
+    With ``drop_rate=0`` the experts are unchanged and ``dare`` equals ``then``. Everything runs
+    in float32 and the result is rounded once to the inputs' dtypes: dropped experts stored as
+    bf16 would round ``theta_0 + tau^_t`` to ``theta_0``'s grid, and a small rescaled update
+    would lose most of its value before the merge.
     """
+    prepare(pretrained, finetuned, keys, exclude)  # the errors name the caller's own tensors
+    wide = to_float32(pretrained)
     experts = dare_experts(
-        pretrained, finetuned, drop_rate, seed, drop_only=drop_only, keys=keys, exclude=exclude
+        wide,
+        [to_float32(ft) for ft in finetuned],
+        drop_rate,
+        seed,
+        drop_only=drop_only,
+        keys=keys,
+        exclude=exclude,
     )
-    return then(pretrained, experts, keys=keys, exclude=exclude, **then_kwargs)
+    return cast_like(then(wide, experts, keys=keys, exclude=exclude, **then_kwargs), pretrained)
