@@ -89,8 +89,11 @@ def test_pcb_end_to_end_matches_the_steps():
     srt = beta.sort(dim=1).values
     w = drop_weights(beta, srt[:, 2], srt[:, 3])
     assert_close(out["w"], rescale_merge(tau_c, w, [1.0, 1.0]))
-    # Exactly the top half of each task's scores survive (weights > 0 only above the median).
-    assert ((w > 0).sum(dim=1) <= 2).all()
+    # By hand: with ratio 0.5 the threshold is each task's score of rank 2 (of 0..3); a score at
+    # or below it gets weight 0, so only each task's top score survives, with weight 1: task 0's
+    # at column 1 (-0.4), task 1's at column 0 (0.4). Nothing survives in columns 2 and 3.
+    assert torch.equal(w, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert_close(out["w"], torch.tensor([0.4, -0.4, 0.0, 0.0]))
 
 
 def test_pcb_never_lets_a_lone_dissenter_flip_the_sign():
