@@ -102,12 +102,15 @@ def world_of(zoo) -> str:
 
 def fingerprint(track: str, profile: str, world: str | None = None) -> str:
     """Track, profile, world (default: the course's, :func:`world_id`), code, and what computes:
-    torch's version and the device (a GPU gives the same numbers as the CPU only up to the last
-    bits, which can move a result)."""
+    the versions of torch and transformers and the device (a GPU gives the same numbers as the
+    CPU only up to the last bits, which can move a result)."""
+    from importlib.metadata import version
+
     import torch
 
     world = world_id(track, profile) if world is None else world
-    where = f"torch {torch.__version__} on {config.device().type}"
+    libraries = f"torch {torch.__version__}, transformers {version('transformers')}"
+    where = f"{libraries} on {config.device().type}"
     return f"{track}:{profile}:{world}:{source_digest()}:{where}"
 
 

@@ -1,5 +1,6 @@
 """The capstone leaderboard: records, fingerprints, ranking, costs, published numbers, CLI."""
 
+import importlib.metadata
 import json
 import shutil
 from types import SimpleNamespace
@@ -93,7 +94,8 @@ def test_source_digest_changes_when_any_module_changes(tmp_path):
 def test_fingerprint_names_track_profile_world_code_and_device(monkeypatch):
     fp = leaderboard.fingerprint("vision", "mini")
     assert fp.startswith("vision:mini:") and leaderboard.source_digest() in fp
-    assert fp.endswith(f"torch {torch.__version__} on cpu")
+    transformers = importlib.metadata.version("transformers")
+    assert fp.endswith(f"torch {torch.__version__}, transformers {transformers} on cpu")
     assert leaderboard.fingerprint("llm", "mini") != fp
     monkeypatch.setenv("COURSE_DEVICE", "cuda")  # results computed on a GPU are kept apart
     assert leaderboard.fingerprint("vision", "mini") == fp.replace(" on cpu", " on cuda")
