@@ -10,8 +10,8 @@ key made of everything it depends on:
 - what was computed on what: for an accuracy (:class:`Memo`) the task, its head (vision), the
   split, the number of examples and a digest of the evaluated weights' bytes (names, dtypes,
   shapes, values), the same for the per-image predictions of ``Zoo.predict``; for the LLM's
-  router features the prompts and the base model's weights; for Twin's answers the merged weights and the prompts; for
-  Twin's compressed vectors the vectors and the rank ratio,
+  router features the prompts and the base model's weights; for Twin's answers the merged
+  weights and the prompts; for Twin's compressed vectors the vectors and the rank ratio,
 - the digest of the course's numeric source code, the versions of torch and transformers, and
   the device.
 
@@ -48,7 +48,7 @@ from torch import Tensor
 
 from course_lib import config
 from course_lib.files import atomic_path
-from course_lib.leaderboard import source_digest
+from course_lib.leaderboard import library_versions, source_digest
 
 V = TypeVar("V")
 
@@ -105,22 +105,12 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
 def _code() -> str:
     """What computes: the numeric source digest, the versions of torch and transformers, and the
     device, read at every call (``COURSE_DEVICE`` may change within a session)."""
-    return (
-        f"{_source()}:torch {torch.__version__}:transformers {_transformers_version()}"
-        f":{config.device().type}"
-    )
+    return f"{_source()}:{library_versions()}:{config.device().type}"
 
 
 @functools.cache
 def _source() -> str:  # the modules a process runs are the ones it imported: read once
     return source_digest()
-
-
-@functools.cache
-def _transformers_version() -> str:
-    from importlib.metadata import version
-
-    return version("transformers")
 
 
 # ----------------------------------------------------------------------------- kinds of value

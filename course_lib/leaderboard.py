@@ -19,6 +19,7 @@ Costs, per method, to serve *every* task of a track:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -100,17 +101,23 @@ def world_of(zoo) -> str:
     return getattr(zoo, "world", "") or "unknown"
 
 
-def fingerprint(track: str, profile: str, world: str | None = None) -> str:
-    """Track, profile, world (default: the course's, :func:`world_id`), code, and what computes:
-    the versions of torch and transformers and the device (a GPU gives the same numbers as the
-    CPU only up to the last bits, which can move a result)."""
+@functools.cache
+def library_versions() -> str:
+    """The libraries whose numerics the course's numbers depend on, with their versions (also
+    part of the evaluation cache's key, :mod:`course_lib.evalcache`)."""
     from importlib.metadata import version
 
     import torch
 
+    return f"torch {torch.__version__}, transformers {version('transformers')}"
+
+
+def fingerprint(track: str, profile: str, world: str | None = None) -> str:
+    """Track, profile, world (default: the course's, :func:`world_id`), code, and what computes:
+    :func:`library_versions` and the device (a GPU gives the same numbers as the CPU only up to
+    the last bits, which can move a result)."""
     world = world_id(track, profile) if world is None else world
-    libraries = f"torch {torch.__version__}, transformers {version('transformers')}"
-    where = f"{libraries} on {config.device().type}"
+    where = f"{library_versions()} on {config.device().type}"
     return f"{track}:{profile}:{world}:{source_digest()}:{where}"
 
 

@@ -129,13 +129,7 @@ def choose_profile(platform: str, gpu: bool, environ: Mapping[str, str] | None =
 def course_lib_installed() -> bool:
     """Whether the ``course-lib`` distribution is installed in this Python (not just importable
     from a clone on ``sys.path``, which would lack its dependencies)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("course-lib")
-    except PackageNotFoundError:
-        return False
-    return True
+    return bool(installed_versions(["course-lib"]))
 
 
 def installed_versions(names: Iterable[str] = PINNED) -> dict[str, str]:
@@ -209,8 +203,9 @@ def setup(
 
     On Colab or Kaggle: clone the course into ``home`` (default :data:`CLONE_DIRS`) if it is not
     there, install it with :func:`install_command` (once per runtime: a stamp file in the clone's
-    ``build/`` remembers it, and ``course-lib`` must still be installed), set ``COURSE_HOME`` to the clone and ``COURSE_PROFILE`` to the
-    chosen profile, and change into the clone's ``notebooks/`` folder. Locally: change nothing.
+    ``build/`` remembers it, and ``course-lib`` must still be installed), set ``COURSE_HOME`` to
+    the clone and ``COURSE_PROFILE`` to the chosen profile, and change into the clone's
+    ``notebooks/`` folder. Locally: change nothing.
     Every argument is for tests: the environment (default ``os.environ``), the loaded modules,
     the GPU answer (default :func:`has_gpu`), the clone folder and the command runner.
     """

@@ -102,7 +102,7 @@ def test_device_and_library_versions_are_part_of_the_key(cache, monkeypatch):
         m.setenv("COURSE_DEVICE", "cuda")
         assert memo(12.5) == 12.5
     assert memo(-1.0) == 87.5  # back on the CPU: its own value
-    monkeypatch.setattr(evalcache, "_transformers_version", lambda: "another transformers")
+    monkeypatch.setattr(evalcache, "library_versions", lambda: "torch x, another transformers")
     assert memo(25.0) == 25.0
 
 

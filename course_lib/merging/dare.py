@@ -105,7 +105,8 @@ def dare(
     bf16 would round ``theta_0 + tau^_t`` to ``theta_0``'s grid, and a small rescaled update
     would lose most of its value before the merge.
     """
-    prepare(pretrained, finetuned, keys, exclude)  # the errors name the caller's own tensors
+    # checked before widening: float32 copies would hide a dtype mismatch between the inputs
+    prepare(pretrained, finetuned, keys, exclude)
     wide = to_float32(pretrained)
     experts = dare_experts(
         wide,
