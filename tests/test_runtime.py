@@ -41,7 +41,7 @@ def _local_env(**extra):
         ({}, [], "local"),
         ({"HOME": "/root", "PATH": "/usr/bin"}, ["os", "google"], "local"),
         ({"COLAB_RELEASE_TAG": "release-colab_20250101-060000"}, [], "colab"),
-        ({"COLAB_GPU": "1"}, [], "colab"),
+        ({"COLAB_GPU": "1"}, [], "local"),  # not a marker the setup cell reads
         ({}, ["google", "google.colab"], "colab"),
         ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, [], "kaggle"),
         ({"KAGGLE_URL_BASE": "https://www.kaggle.com"}, [], "kaggle"),
@@ -50,6 +50,37 @@ def _local_env(**extra):
 )
 def test_detect_platform_from_injected_environment_and_modules(environ, modules, expected):
     assert runtime.detect_platform(environ, modules) == expected
+
+
+def _cell_platform(environ, modules) -> str:
+    """The platform the setup cell itself picks, from its own if/elif lines, on fake os/sys."""
+    from types import SimpleNamespace
+
+    lines = runtime.SETUP_CELL.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("if "))
+    end = lines.index("if COURSE_DIR:")
+    scope = {"os": SimpleNamespace(environ=environ), "sys": SimpleNamespace(modules=set(modules))}
+    exec("\n".join(lines[start:end]), scope)
+    where = {str(path): name for name, path in runtime.CLONE_DIRS.items()}
+    return where.get(scope["COURSE_DIR"], "local")
+
+
+@pytest.mark.parametrize(
+    ("environ", "modules"),
+    [
+        ({}, []),
+        ({}, ["google"]),
+        ({"COLAB_RELEASE_TAG": "r"}, []),
+        ({"COLAB_GPU": "1"}, []),
+        ({}, ["google.colab"]),
+        ({"KAGGLE_URL_BASE": "u"}, []),
+        ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, ["google.colab"]),
+    ],
+)
+def test_detect_platform_agrees_with_the_setup_cell(environ, modules):
+    """The cell decides where the course is cloned and runtime.setup() installs there: a machine
+    the cell calls local must not be set up as Colab (a local google-colab package, say)."""
+    assert runtime.detect_platform(environ, modules) == _cell_platform(environ, modules)
 
 
 def test_this_machine_is_local(monkeypatch):
@@ -69,6 +100,10 @@ def test_this_machine_is_local(monkeypatch):
         (False, {}, "mini"),  # the free CPU runtimes
         (True, {"HF_HUB_OFFLINE": "1"}, "mini"),  # offline
         (True, {"HF_HUB_OFFLINE": "true"}, "mini"),
+        (True, {"HF_HUB_OFFLINE": "YES"}, "mini"),  # huggingface_hub's rule: 1/on/yes/true
+        (True, {"HF_HUB_OFFLINE": "On"}, "mini"),
+        (True, {"HF_HUB_OFFLINE": ""}, "full"),
+        (True, {"HF_HUB_OFFLINE": "no"}, "full"),
         (True, {"HF_HUB_OFFLINE": "0"}, "full"),
         (False, {"COURSE_PROFILE": "full"}, "full"),  # an explicit choice wins
         (True, {"COURSE_PROFILE": "mini"}, "mini"),
@@ -191,6 +226,28 @@ def test_installed_versions_reads_this_environment():
     assert "no-such-package-here" not in runtime.installed_versions(["no-such-package-here"])
 
 
+def _metadata(folder: Path, layout: str) -> Path:
+    """A ``course-lib`` metadata folder: an egg-info (what a build leaves in the clone) or a
+    dist-info (what pip installs into site-packages)."""
+    if layout == "egg":
+        meta, name = folder / "course_lib.egg-info", "PKG-INFO"
+    else:
+        meta, name = folder / "course_lib-0.1.0.dist-info", "METADATA"
+    meta.mkdir(parents=True)
+    (meta / name).write_text("Metadata-Version: 2.1\nName: course-lib\nVersion: 0.1.0\n")
+    return folder
+
+
+def test_an_egg_info_left_in_the_clone_is_not_an_install(tmp_path, monkeypatch):
+    clone = _metadata(tmp_path / "course", "egg")
+    monkeypatch.setattr(sys, "path", [str(clone)])  # the setup cell puts the clone first
+    assert runtime.course_lib_installed() is True  # what the lookup alone would say
+    assert runtime.course_lib_installed(clone) is False  # site-packages holds nothing
+    site = _metadata(tmp_path / "site-packages", "dist")
+    monkeypatch.setattr(sys, "path", [str(clone), str(site)])
+    assert runtime.course_lib_installed(clone) is True
+
+
 # --- setup(), injected -------------------------------------------------------------------------
 
 
@@ -221,7 +278,7 @@ def test_setup_on_colab_clones_installs_once_and_points_config_at_the_clone(
     assert capsys.readouterr().out == "platform=colab gpu=yes profile=full\n"
 
     # a new session that kept the clone (and its stamp) but not the installed packages
-    monkeypatch.setattr(runtime, "course_lib_installed", lambda: False)
+    monkeypatch.setattr(runtime, "course_lib_installed", lambda home=None: False)
     runtime.setup(environ=environ, modules=[], gpu=True, home=home, run=fake_run)
     assert calls == expected  # installed again, not cloned again
 
