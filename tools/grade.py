@@ -11,7 +11,13 @@ errors allowed, and every cell tagged ``check`` is classified:
 * ``pass``  - the check printed its confirmation (``course_lib.checks`` returned True);
 * ``open``  - the answer is still the stub (``NotImplementedError``);
 * ``wrong`` - the checker raised and explained the mistake (shown with ``--details``);
-* ``error`` - the cell did not reach the checker, e.g. an earlier cell failed.
+* ``error`` - the cell did not reach the checker, e.g. an earlier cell failed or timed out;
+* ``changed`` - the check cell is not the one handed out: edited (a commented-out call would
+  otherwise run without error and pass) or deleted.
+
+Check cells are compared with the handed-out copy in ``notebooks/student/`` that shares the most
+cell ids with the submission (so renamed files are found), by cell id and source. A submission
+that shares no cell id with any of them is graded on its own check cells, with a warning.
 
 The exit status is 0 when every check of every notebook passes, else 1.
 """
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Check:
     cell: int  # index of the check cell in the notebook
-    status: str  # pass | open | wrong | error
+    status: str  # pass | open | wrong | error | changed
     message: str = ""
 
 
@@ -50,46 +56,97 @@ def classify(cell) -> Check:
     return Check(-1, "error", f"{name}: {value}")
 
 
-def grade_executed(nb) -> list[Check]:
-    """Classify every check cell of an already executed notebook."""
+def is_check(cell) -> bool:
+    return cell.cell_type == "code" and "check" in cell.metadata.get("tags", [])
+
+
+def grade_executed(nb, reference=None) -> list[Check]:
+    """Classify the check cells of an already executed notebook.
+
+    With ``reference`` (the handed-out notebook), its check cells are the ones graded, found in
+    ``nb`` by cell id: a missing one or one whose source differs is ``changed``."""
+    if reference is None:
+        out = []
+        for i, cell in enumerate(nb.cells):
+            if is_check(cell):
+                check = classify(cell)
+                check.cell = i
+                out.append(check)
+        return out
+    by_id = {cell.get("id"): (i, cell) for i, cell in enumerate(nb.cells)}
     out = []
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code" and "check" in cell.metadata.get("tags", []):
+    for given in filter(is_check, reference.cells):
+        i, cell = by_id.get(given.get("id"), (-1, None))
+        if cell is None:
+            out.append(Check(-1, "changed", f"check cell {given.get('id')} was deleted"))
+        elif cell.cell_type != "code" or cell.source.strip() != given.source.strip():
+            out.append(Check(i, "changed", "the check cell was edited"))
+        else:
             check = classify(cell)
             check.cell = i
             out.append(check)
     return out
 
 
-def grade(path: Path, workdir: Path | None = None, timeout: int = 900) -> list[Check]:
-    """Execute ``path`` headless (errors allowed) and classify its check cells."""
+def find_reference(nb, student_dir: Path):
+    """The handed-out notebook sharing the most cell ids with ``nb`` (None if none shares one)."""
+    ids = {cell.get("id") for cell in nb.cells} - {None}
+    best, shared = None, 0
+    for path in sorted(student_dir.glob("*.ipynb")):
+        candidate = nbformat.read(path, as_version=4)
+        common = len(ids & {cell.get("id") for cell in candidate.cells})
+        if common > shared:
+            best, shared = candidate, common
+    return best
+
+
+def grade(
+    path: Path, workdir: Path | None = None, timeout: int = 1800, reference_dir: Path | None = None
+) -> list[Check]:
+    """Execute ``path`` headless (errors allowed) and classify its check cells.
+
+    A cell running longer than ``timeout`` seconds is interrupted and counts as an error, and so
+    does everything after a dead kernel: one stuck submission does not stop the grading."""
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
+    reference_dir = reference_dir or ROOT / "notebooks" / "student"
+    reference = find_reference(nb, reference_dir)
+    if reference is None:
+        print(f"warning: {path.name} shares no cell with {reference_dir}: edited or deleted "
+              "check cells cannot be detected", file=sys.stderr)  # fmt: skip
     os.environ.setdefault("TQDM_DISABLE", "1")
     workdir = workdir or ROOT / "notebooks" / "student"
-    NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
         resources={"metadata": {"path": str(workdir)}},
-    ).execute()  # fmt: skip
-    return grade_executed(nb)
+    )  # fmt: skip
+    try:
+        client.execute()
+    except (CellTimeoutError, DeadKernelError) as error:  # cells not reached stay unexecuted
+        print(f"warning: {path.name}: {type(error).__name__}: {error}", file=sys.stderr)
+    return grade_executed(nb, reference)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("notebooks", nargs="+", type=Path)
     ap.add_argument("--details", action="store_true", help="print each wrong answer's reason")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
+    ap.add_argument(
+        "--reference", type=Path, default=ROOT / "notebooks" / "student",
+        help="the folder of the handed-out notebooks (default notebooks/student)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     all_pass = True
-    print(f"{'notebook':40s} {'pass':>4s} {'open':>4s} {'wrong':>5s} {'error':>5s}")
+    statuses = ("pass", "open", "wrong", "error", "changed")
+    print(f"{'notebook':40s} " + " ".join(f"{s:>{max(len(s), 4)}s}" for s in statuses))
     for path in args.notebooks:
-        checks = grade(path)
-        count = {s: sum(c.status == s for c in checks) for s in ("pass", "open", "wrong", "error")}
+        checks = grade(path, timeout=args.timeout, reference_dir=args.reference)
+        count = {s: sum(c.status == s for c in checks) for s in statuses}
         all_pass &= bool(checks) and count["pass"] == len(checks)
-        print(
-            f"{path.name:40s} {count['pass']:4d} {count['open']:4d} {count['wrong']:5d} "
-            f"{count['error']:5d}"
-        )
+        print(f"{path.name:40s} " + " ".join(f"{count[s]:{max(len(s), 4)}d}" for s in statuses))
         if args.details:
             for c in checks:
                 if c.status != "pass":
