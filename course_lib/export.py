@@ -16,7 +16,10 @@ dare (then TA)     ``dare_linear``     ``density`` = 1 - drop_rate, ``weight`` =
 
 Differences to keep in mind: mergekit's TIES trims *per tensor* (our ``scope="tensor"``, not the
 paper's global ranking) and elects signs on the weighted deltas; its DARE draws its own random
-masks, so a DARE merge matches ours in distribution, not bit for bit. PCB-Merging and
+masks and, with its default ``rescale: true``, scales each kept delta tensor back to its original
+L1 norm (``mergekit.sparsify.rescaled_masked_tensor``, read in mergekit 0.1.5) where DARE's paper
+and our :func:`~course_lib.merging.dare` divide by ``1 - p``: the two agree in expectation on
+large tensors, not bit for bit, and least on small ones. PCB-Merging and
 Twin-Merging have no mergekit method: :func:`mergekit_config` says so instead of guessing.
 """
 
@@ -73,6 +76,11 @@ def mergekit_config(
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     if not 0.0 <= check_number("drop_rate", drop_rate) < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if method == "dare" and round(1.0 - float(drop_rate), 6) <= 0.0:  # the density written below
+        raise ValueError(
+            f"drop_rate {drop_rate!r} leaves a density of 0 at the 6 decimals exported: mergekit "
+            "would drop every delta and return the base model"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if method == "average":

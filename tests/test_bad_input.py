@@ -279,6 +279,10 @@ def test_mergekit_config_refuses_what_mergekit_would_misread():
         mergekit_config("ties", "base", ["m", None])
     with pytest.raises(ValueError, match="dtype"):
         mergekit_config("ties", "base", ["m"], dtype="fp99")
+    with pytest.raises(ValueError, match="density of 0"):  # would round to 'density: 0.0'
+        mergekit_config("dare", "base", ["m"], drop_rate=0.9999996)
+    kept = mergekit_config("dare", "base", ["m"], drop_rate=0.999999)["models"][0]["parameters"]
+    assert kept["density"] == 1e-06
 
 
 def test_arguments_that_used_to_fail_with_a_raw_error():

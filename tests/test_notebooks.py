@@ -5,6 +5,7 @@ part of ``make test``): every cell must run and every ``assert`` cell states a l
 """
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -36,6 +37,44 @@ def test_strip_solutions_replaces_each_block_with_a_stub():
         ms.strip_solutions("### BEGIN SOLUTION\nx = 1", "cell")
     with pytest.raises(ValueError, match="without BEGIN"):
         ms.strip_solutions("x = 1\n### END SOLUTION", "cell")
+
+
+def _lesson(*cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 09 · A lesson"), *cells]
+    return nb
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        nbformat.v4.new_code_cell("## BEGIN SOLUTION\nanswer = 42\n## END SOLUTION"),  # misspelt
+        nbformat.v4.new_code_cell("### BEGIN SOLUTION (tiers)\nanswer = 42"),  # never matched
+        nbformat.v4.new_markdown_cell("Answer:\n### BEGIN SOLUTION\n42\n### END SOLUTION"),
+    ],
+    ids=["two-hashes", "suffix", "markdown"],
+)
+def test_a_marker_left_after_stripping_stops_the_generator(cell):
+    """Only exact marker lines in code cells are stripped: anything else would hand out the
+    answer, so the generator refuses the notebook and names the cell."""
+    ms = load_tool("make_student")
+    exercise = nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")
+    ms.student_version(_lesson(exercise), "09_lesson.ipynb")  # a well-marked one is fine
+    with pytest.raises(ValueError, match="09_lesson.ipynb cell 2.*SOLUTION"):
+        ms.student_version(_lesson(exercise, cell), "09_lesson.ipynb")
+
+
+def test_relative_links_still_resolve_from_the_student_folder():
+    ms = load_tool("make_student")
+    text = "See [the measurements](../docs/measurements.md#x) and [03](03_ties_merging.ipynb)."
+    exercise = nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")
+    student = ms.student_version(_lesson(nbformat.v4.new_markdown_cell(text), exercise), "x")
+    linked = student.cells[2].source
+    assert "](../../docs/measurements.md#x)" in linked and "](03_ties_merging.ipynb)" in linked
+    for path in SOLUTIONS:  # every relative link of the handed-out copies exists
+        for cell in nbformat.read(ms.STUDENT / path.name, as_version=4).cells:
+            for target in re.findall(r"\]\((?!https?:|#)([^)#]+)", cell.source):
+                assert (ms.STUDENT / target).exists(), f"{path.name}: broken link {target}"
 
 
 def test_student_notebooks_are_up_to_date():

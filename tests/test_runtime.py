@@ -470,3 +470,16 @@ def test_setup_cell_tool_is_idempotent_and_refreshes_a_stale_cell():
 
     with pytest.raises(ValueError, match="title"):
         tool.updated(_notebook(body), "08_x.ipynb")
+
+
+def test_setup_cell_tool_refuses_a_second_setup_tag():
+    """Every ``setup``-tagged cell is replaced by the one setup cell: a second tagged cell (or a
+    tagged markdown cell) would be deleted, so the tool stops and says so."""
+    tool = load_tool("setup_cell")
+    title = nbformat.v4.new_markdown_cell("# 07 · Capstone")
+    for other in (nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_markdown_cell("notes")):
+        other.metadata["tags"] = [tool.TAG]
+        nb = tool.updated(_notebook(title, nbformat.v4.new_code_cell("print(1)")), "07.ipynb")
+        nb.cells.append(other)
+        with pytest.raises(ValueError, match="one setup code cell"):
+            tool.updated(nb, "07.ipynb")

@@ -34,6 +34,7 @@ SOLUTIONS = ROOT / "notebooks"
 STUDENT = SOLUTIONS / "student"
 BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION\s*$")
 END = re.compile(r"^\s*### END SOLUTION\s*$")
+MARKER = re.compile(r"(BEGIN|END) SOLUTION")  # any spelling the exact markers did not consume
 NOTE = (
     "> **Student version.** Generated from `../{name}` by `tools/make_student.py`: the exercise "
     "answers are replaced by `raise NotImplementedError`. Write your answer there and run the "
@@ -72,12 +73,20 @@ def student_version(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNo
         )
     total = 0
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
-            continue
-        cell.source, blocks = strip_solutions(cell.source, f"{name} cell {i}")
-        total += blocks
-        cell.outputs, cell.execution_count = [], None
-        cell.metadata.pop("execution", None)
+        if cell.cell_type == "markdown":
+            # the student copy lives one folder deeper: ../docs/x.md becomes ../../docs/x.md
+            cell.source = cell.source.replace("](../", "](../../")
+        if cell.cell_type == "code":
+            cell.source, blocks = strip_solutions(cell.source, f"{name} cell {i}")
+            total += blocks
+            cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)
+        leftover = MARKER.search(cell.source)
+        if leftover:  # a misspelt marker ("## BEGIN SOLUTION") would hand out the answer
+            raise ValueError(
+                f"{name} cell {i} ({cell.cell_type}): {leftover.group(0)!r} is left after "
+                "stripping; the markers are '### BEGIN SOLUTION' / '### END SOLUTION' lines"
+            )
     if total == 0:
         raise ValueError(f"{name} has no exercise (no ### BEGIN SOLUTION block)")
     note = nbformat.v4.new_markdown_cell(NOTE.format(name=name))

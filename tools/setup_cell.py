@@ -77,8 +77,14 @@ def updated(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
         raise ValueError(f"{name}: the first cell must be the title markdown (# ...)")
     title.source = with_badges(title.source, f"notebooks/{name}")
     tagged = [c for c in nb.cells if TAG in c.metadata.get("tags", [])]
+    if len(tagged) > 1 or (tagged and tagged[0].cell_type != "code"):
+        kinds = [c.cell_type for c in tagged]
+        raise ValueError(
+            f"{name}: the {TAG!r} tag marks the one setup code cell, found it on {kinds}; "
+            "remove it from the others (they would be deleted)"
+        )
     nb.cells = [c for c in nb.cells if TAG not in c.metadata.get("tags", [])]
-    cell = tagged[0] if tagged and tagged[0].cell_type == "code" else None
+    cell = tagged[0] if tagged else None
     if cell is None:
         cell = nbformat.v4.new_code_cell(SETUP_CELL)
         cell.metadata["tags"] = [TAG]
