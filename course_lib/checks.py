@@ -87,6 +87,17 @@ def check_normalized_accuracy(fn: Callable[[dict, dict], dict]) -> bool:
         raise ExerciseError(
             f"for acc 33 and expert 90 expected 36.667 (100 * 33 / 90, not rounded), got {other}"
         )
+    # pair the tasks by name, not by position; a merge may beat its expert (no cap at 100)
+    swapped = fn({"a": 99.0, "b": 45.0}, {"b": 50.0, "a": 90.0})
+    if not isinstance(swapped, Mapping) or not _close(
+        [_scalar(swapped.get("a"), "the entry"), _scalar(swapped.get("b"), "the entry")],
+        [110.0, 90.0],
+    ):
+        raise ExerciseError(
+            "for acc {'a': 99, 'b': 45} and expert {'b': 50, 'a': 90} expected {'a': 110.0, "
+            f"'b': 90.0}}: look the expert up by task name (the dicts' orders differ), and do "
+            f"not cap at 100 (a merge can beat its expert); got {swapped}"
+        )
     return _ok("normalized accuracy = 100 * merged / expert, per task")
 
 
@@ -117,22 +128,25 @@ def check_task_vector(fn: Callable[[dict, dict], dict]) -> bool:
         "h": torch.tensor([1.0, 0.5], dtype=torch.float16),
         "step": torch.tensor([7]),
         "count": torch.tensor([3], dtype=torch.int32),
+        "seen": torch.tensor([200], dtype=torch.uint8),
     }
     ft = {
         "w": torch.tensor([1.5, 1.0, 3.0]),
         "h": torch.tensor([2.0, 0.5], dtype=torch.float16),
         "step": torch.tensor([9]),
         "count": torch.tensor([4], dtype=torch.int32),
+        "seen": torch.tensor([100], dtype=torch.uint8),
     }
+    keys = set(pre)
     got = fn(pre, ft)
     if not isinstance(got, Mapping):
         raise ExerciseError(f"return a dict of tensors, got {type(got).__name__}")
-    if set(pre) != {"w", "h", "step", "count"} or set(ft) != set(pre):
+    if set(pre) != keys or set(ft) != keys:
         raise ExerciseError("do not delete keys from the inputs: build a new dict")
-    if "step" in got or "count" in got:
+    if {"step", "count", "seen"} & set(got):
         raise ExerciseError(
-            "integer buffers (like 'step' and 'count', int64 and int32) are not weights: skip "
-            "them (tensor.is_floating_point() tells)"
+            "integer buffers (here 'step' int64, 'count' int32, 'seen' uint8) are not weights: "
+            "skip them; tensor.is_floating_point() tells, a list of integer dtypes misses some"
         )
     if "w" not in got or "h" not in got:
         raise ExerciseError(
@@ -169,6 +183,12 @@ def check_cosine(fn: Callable[[dict, dict], float]) -> bool:
         },
         "cosine similarity",
     )
+    reordered = _scalar(fn(a, {"y": b["y"], "x": b["x"]}), "my_cosine")
+    if not _close(reordered, got):
+        raise ExerciseError(
+            "the same task vectors with b's keys in another order gave another cosine: pair the "
+            f"tensors by key (for k in a: ... b[k]), not by position ({got:.4f} vs {reordered:.4f})"
+        )
     opposed = _scalar(
         fn({"x": torch.tensor([1.0, 0.0])}, {"x": torch.tensor([-1.0, 1.0])}), "my_cosine"
     )
@@ -214,6 +234,14 @@ def check_conflict_rate(fn: Callable[[Tensor], float]) -> bool:
             f"for {apart.tolist()} expected 1/2: tasks 0 and 2 conflict in column 0 although "
             f"task 1 between them is 0; compare every pair of tasks, not neighbours (got {got:.4f})"
         )
+    # ... and a zero is not a negative: column 0 is +1, 0, +2
+    zeros = torch.tensor([[1.0, 1.0], [0.0, -1.0], [2.0, 1.0]])
+    got = _scalar(fn(zeros.clone()), "conflict_rate")
+    if not _close(got, 1 / 2):
+        raise ExerciseError(
+            f"for {zeros.tolist()} expected 1/2: column 0 holds +1, 0, +2, no negative entry, so "
+            f"no conflict (a zero has no sign; test tau < 0, not 'not positive'); got {got:.4f}"
+        )
     return _ok("a conflict is a column with at least one positive and one negative entry")
 
 
@@ -238,6 +266,14 @@ def check_top_mass_share(fn: Callable[[Tensor, float], float]) -> bool:
         raise ExerciseError(
             f"with fraction 0.27 keep int(0.27 * 10) = 2 entries (share 25/26 = 0.9615), "
             f"got {rounded:.4f}: round down, and count entries rather than use a quantile"
+        )
+    tied = torch.tensor([2.0, -2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    share = _scalar(fn(tied.clone(), 0.1), "top_mass_share")  # k = 1 of two equal magnitudes
+    if not _close(share, 4 / 9):
+        raise ExerciseError(
+            f"for {tied.tolist()} and fraction 0.1 keep exactly 1 entry (share 4/9 = 0.4444), "
+            f"got {share:.4f}: a threshold |tau| >= the k-th value keeps every tied entry; "
+            "take the k largest (torch.topk)"
         )
     return _ok(f"the top 20% of entries hold {100 * got:.0f}% of ||tau||^2 here")
 
@@ -313,7 +349,7 @@ def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
         "trim",
     )
     # density 0.5 keeps 3 of 6 however it is read; 0.4 tells floor from ceil and kept from
-    # dropped, 0.6 floor from round (and from a quantile threshold)
+    # dropped, 0.6 floor from round (and from a quantile threshold with >=)
     for density, k in ((0.4, 2), (0.6, 3)):
         other = _tensor(fn(_TAU.clone(), density), "trim")
         if not torch.equal(other, trim(_TAU, density)):
@@ -322,13 +358,24 @@ def check_trim(fn: Callable[[Tensor, float], Tensor]) -> bool:
                 "(density is the fraction kept, rounded down); got "
                 f"{int((other != 0).sum(1).max())} kept in a row"
             )
+    # a quantile threshold with > keeps floor(d * n) at n = 6 for these densities, not at n = 10
+    ten = torch.tensor([[0.1, -0.9, 0.5, 0.3, -0.7, 0.2, 0.8, -0.4, 0.6, -0.05]])
+    other = _tensor(fn(ten.clone(), 0.25), "trim")
+    if not torch.equal(other, trim(ten, 0.25)):
+        raise ExerciseError(
+            f"for a row of 10 entries and density 0.25 keep k = floor(2.5) = 2 entries, got "
+            f"{int((other != 0).sum())}: count k entries (torch.topk), a quantile threshold "
+            "does not give k"
+        )
     return _ok("trim keeps the top-k magnitudes of each task vector")
 
 
 def check_elect(fn: Callable[[Tensor], Tensor]) -> bool:
     """``fn(trimmed [T, n])`` -> elected sign per column: sign of the column sum (mass vote)."""
     trimmed = trim(_TAU, 0.5)
-    got = _tensor(fn(trimmed.clone()), "elect")
+    given = trimmed.clone()
+    got = _tensor(fn(given), "elect")
+    _untouched(trimmed, given, "elect")
     if got.shape != (trimmed.shape[1],):
         raise ExerciseError(
             f"return one sign per column: shape [{trimmed.shape[1]}], got {list(got.shape)}"
@@ -351,6 +398,12 @@ def check_elect(fn: Callable[[Tensor], Tensor]) -> bool:
         raise ExerciseError(
             "for the column [0.5, -0.3, -0.3] the sum is -0.1, so the sign is -1: every task's "
             "mass votes, not only the largest entry"
+        )
+    outvoted = torch.tensor([[0.1], [0.1], [-0.5]])  # two small positives, one large negative
+    if not _close(_tensor(fn(outvoted.clone()), "elect"), [-1.0]):
+        raise ExerciseError(
+            "for the column [0.1, 0.1, -0.5] the sum is -0.3, so the sign is -1: the vote is by "
+            "mass, sign(sum_t tau_t), not by the number of positive and negative tasks"
         )
     return _ok("the elected sign is the sign of the summed mass")
 
@@ -382,6 +435,13 @@ def check_disjoint_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> bool:
         },
         "disjoint mean",
     )
+    tie = torch.tensor([[0.5], [-0.5]])  # the masses cancel: the given gamma decides
+    got = _tensor(fn(tie.clone(), torch.tensor([1.0])), "disjoint_merge")
+    if not _close(got, [0.5]):
+        raise ExerciseError(
+            "for the column [0.5, -0.5] with gamma = [+1] expected [0.5]: use the gamma you are "
+            f"given (elect's, with its tie rule), do not recompute it; got {got.tolist()}"
+        )
     return _ok("disjoint mean = mean of the entries that agree with the elected sign")
 
 
@@ -443,9 +503,13 @@ def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
     ]
     w = torch.tensor([0.75, 0.25])
     before = {k: v.clone() for k, v in shared.items()}
-    got = fn(shared, vectors, w)
+    given = [{k: v.clone() for k, v in vec.items()} for vec in vectors]
+    got = fn(shared, given, w)
     for k, v in before.items():
         _untouched(v, shared[k], "merge_with_weights (the shared expert)")
+    for vec, original in zip(given, vectors, strict=True):
+        for k, v in original.items():
+            _untouched(v, vec[k], "merge_with_weights (a twin vector)")
     if not isinstance(got, Mapping) or set(got) != {"w", "b"}:
         raise ExerciseError("return a state dict with the same keys as `shared`")
     flat = torch.cat([_tensor(got["w"], "merged 'w'"), _tensor(got["b"], "merged 'b'")])
@@ -464,7 +528,7 @@ def check_merge_with_weights(fn: Callable[[dict, list, Tensor], dict]) -> bool:
         "merge_with_weights",
     )
     # a group's mean weights need not sum to 1 (and a learner must not renormalize them)
-    unnormalized = fn(shared, vectors, torch.tensor([0.5, 1.0]))
+    unnormalized = fn(dict(before), [dict(v) for v in vectors], torch.tensor([0.5, 1.0]))
     got = torch.cat(
         [_tensor(unnormalized["w"], "merged 'w'"), _tensor(unnormalized["b"], "merged 'b'")]
     )
@@ -585,6 +649,14 @@ def check_route_groups(fn: Callable[[Tensor], list]) -> bool:
                 f"the group of inputs {want} should merge with the mean of their weights, "
                 f"{w[want].mean(0).tolist()}; got {m.tolist()}"
             )
+    # input 0 goes to task 2 here: the groups follow the tasks, not the inputs' order
+    late = torch.tensor([[0.1, 0.1, 0.8], [0.9, 0.05, 0.05]])
+    order = [sorted(int(i) for i in g[0]) for g in fn(late)]
+    if order != [[1], [0]]:
+        raise ExerciseError(
+            f"for weights {late.tolist()} expected the groups [[1], [0]] (task 0's first, then "
+            f"task 2's), got {order}: list groups in task order, not in order of appearance"
+        )
     return _ok("one merged model per routed task, built from the group's mean weights")
 
 
@@ -629,6 +701,7 @@ def check_best_under_budget(fn: Callable[[list, str, float], object]) -> bool:
                 "stored (models)": stored}  # fmt: skip
 
     rows = [
+        row("vision", "zero-shot", "reference", 45.0, 1.0),  # a bound that beats the merges
         row("vision", "experts", "reference", 100.0, 8.0),
         row("vision", "task arithmetic", "one merged model", 42.0, 1.0),
         row("vision", "PCB-Merging", "one merged model", 44.0, 1.0),
@@ -640,10 +713,14 @@ def check_best_under_budget(fn: Callable[[list, str, float], object]) -> bool:
     cases = [("vision", 1.0), ("vision", 3.0), ("vision", 100.0), ("vision", 0.5)]
     cases += [("llm", 1.05), ("llm", 0.9), ("llm", 2.0)]
     for track, budget in cases:
-        got, expected = fn(rows, track, budget), best_under_budget(rows, track, budget)
+        expected = best_under_budget(rows, track, budget)
+        given = [dict(r) for r in rows]
+        got = fn(given, track, budget)
+        if given != rows:
+            raise ExerciseError("do not change the rows you are given: filter into a new list")
         if got == expected:
             continue
-        if got in ("experts", "LoRA experts"):
+        if got in ("experts", "LoRA experts", "zero-shot"):
             raise ExerciseError(
                 f"{got!r} is a reference (kind 'reference'), not a merge: leave references out"
             )

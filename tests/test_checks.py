@@ -47,6 +47,11 @@ def test_task_vector():
 def test_cosine():
     def ok(a, b):
         x = torch.cat([a[k].flatten() for k in a])
+        y = torch.cat([b[k].flatten() for k in a])  # paired by key
+        return float(x @ y / (x.norm() * y.norm()))
+
+    def own_order(a, b):  # each dict concatenated in its own key order
+        x = torch.cat([a[k].flatten() for k in a])
         y = torch.cat([b[k].flatten() for k in b])
         return float(x @ y / (x.norm() * y.norm()))
 
@@ -55,6 +60,7 @@ def test_cosine():
 
     assert checks.check_cosine(ok)
     wrong(checks.check_cosine, per_tensor, "concatenation")
+    wrong(checks.check_cosine, own_order, "pair the tensors by key")
 
 
 def test_conflict_rate():
@@ -334,8 +340,8 @@ def test_rounding_and_counting_mistakes_are_caught():
 
 
 def _cos(a, b):
-    x = torch.cat([v.flatten() for v in a.values()])
-    y = torch.cat([v.flatten() for v in b.values()])
+    x = torch.cat([a[k].flatten() for k in a])
+    y = torch.cat([b[k].flatten() for k in a])
     return float(x @ y / (x.norm() * y.norm()))
 
 
@@ -389,8 +395,12 @@ def test_task_vector_dtypes_and_kept_keys():
     wrong(
         checks.check_task_vector,
         lambda p, f: {k: f[k] - p[k] for k in p if p[k].dtype != torch.int64},
-        "int64 and int32",
+        "'step' int64, 'count' int32",
     )
+    integer_list = lambda p, f: {  # noqa: E731 - uint8 is not in the list: it wraps around
+        k: f[k] - p[k] for k in p if p[k].dtype not in (torch.int64, torch.int32)
+    }
+    wrong(checks.check_task_vector, integer_list, "a list of integer dtypes misses some")
 
     def deletes(p, f):
         for d in (p, f):
@@ -439,4 +449,64 @@ def test_leaderboard_exercises_check_order_track_and_references():
         ]
         return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
 
-    wrong(checks.check_best_under_budget, by_name, "'LoRA experts' is a reference")
+    wrong(checks.check_best_under_budget, by_name, "'zero-shot' is a reference")
+
+
+def test_plausible_wrong_answers_that_used_to_pass_are_caught():
+    """Each of these was accepted by an earlier version of its checker (an adversarial review)."""
+    not_positive = lambda t: float(((t > 0).any(0) & ~(t > 0).all(0)).float().mean())  # noqa: E731
+    wrong(checks.check_conflict_rate, not_positive, "a zero has no sign")
+
+    def count_then_mass(t):
+        count = ((t > 0).sum(0) - (t < 0).sum(0)).sign().float()
+        return torch.where(count != 0, count, t.sum(0).sign())
+
+    wrong(checks.check_elect, count_then_mass, "not by the number")
+
+    def elect_in_place(t):
+        pos = t.clamp(min=0).sum(0)
+        return (pos + t.clamp_(max=0).sum(0)).sign()
+
+    wrong(checks.check_elect, elect_in_place, "in place")
+
+    def strict_quantile(t, d):
+        q = torch.quantile(t.abs(), 1 - d, dim=1, keepdim=True)
+        return t * (t.abs() > q)
+
+    wrong(checks.check_trim, strict_quantile, "does not give k")
+
+    def own_gamma(trimmed, gamma):
+        gamma = trimmed.sum(0).sign()
+        agree = (trimmed.sign() == gamma) & (trimmed != 0)
+        return (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+    wrong(checks.check_disjoint_mean, own_gamma, "use the gamma you are")
+
+    def threshold(t, f):
+        k = int(f * t.numel())
+        kth = t.abs().kthvalue(t.numel() - k + 1).values
+        return float((t[t.abs() >= kth] ** 2).sum() / (t**2).sum())
+
+    wrong(checks.check_top_mass_share, threshold, "keeps every tied entry")
+
+    def first_appearance(w):
+        groups = {}
+        for i, task in enumerate(w.argmax(-1).tolist()):
+            groups.setdefault(task, []).append(i)
+        return [(idx, w[idx].mean(0)) for idx in groups.values()]
+
+    wrong(checks.check_route_groups, first_appearance, "not in order of appearance")
+
+    def filters_in_place(rows, track, budget):
+        rows[:] = [r for r in rows if r["track"] == track and r["kind"] != "reference"]
+        fits = [r for r in rows if r["stored (models)"] <= budget]
+        return max(fits, key=lambda r: r["normalized (%)"])["method"] if fits else None
+
+    wrong(checks.check_best_under_budget, filters_in_place, "do not change the rows")
+
+    by_position = lambda a, e: {  # noqa: E731
+        t: 100 * x / y for t, x, y in zip(a, a.values(), e.values(), strict=True)
+    }
+    wrong(checks.check_normalized_accuracy, by_position, "by task name")
+    capped = lambda a, e: {t: min(100.0, 100 * a[t] / e[t]) for t in a}  # noqa: E731
+    wrong(checks.check_normalized_accuracy, capped, "do not cap at 100")
