@@ -46,6 +46,7 @@ from course_lib.models.lora import (
     build_experts,
     layer_index,
 )
+from course_lib.state import check_count
 
 StateDict = dict[str, Tensor]
 
@@ -115,6 +116,8 @@ class LLMZoo:
     def answers(
         self, state: Mapping[str, Tensor] | None, task: str, split: str = "test", limit=None
     ) -> list[str]:
+        if limit is not None:  # examples[:-1] would silently drop the last example
+            check_count("limit", limit)
         t = self.tasks[task]
         with self.using(state) as m:
             return llm.generate(
@@ -135,6 +138,8 @@ class LLMZoo:
     ) -> dict[str, float]:
         """Exact-match accuracy (%) of one merged state on each task (remembered in the cache,
         :mod:`course_lib.evalcache`: the same weights are evaluated once)."""
+        if limit is not None:
+            check_count("limit", limit)
         memo = evalcache.Memo(self.world, state or self.pretrained, split, limit)
 
         def compute(task: str) -> float:

@@ -33,7 +33,7 @@ __all__ = [
     "validate",
     "task_vector",
     "task_vectors",
-    "assemble",
+    "with_passthrough",
     "check_scaling",
     "check_fraction",
 ]
@@ -67,7 +67,9 @@ class MergePlan:
 
 
 def _storage_id(t: Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
-    if t.device.type == "meta":
+    """Where ``t``'s values live: equal for two views of one tensor (tied weights). None for a
+    meta tensor and for an empty one (every empty tensor has data pointer 0: none is tied)."""
+    if t.device.type == "meta" or t.numel() == 0:
         return None
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
@@ -133,6 +135,10 @@ def validate(
     """
     if isinstance(finetuned, Mapping):
         raise ValueError("finetuned must be a list of state dicts, got a single state dict")
+    if not isinstance(finetuned, Sequence):  # a generator would be used up by these checks
+        raise ValueError(
+            f"finetuned must be a list or tuple of state dicts, got {type(finetuned).__name__}"
+        )
     finetuned = list(finetuned)
     if not finetuned:
         raise ValueError("finetuned is empty: need at least one fine-tuned state dict to merge")
@@ -228,8 +234,12 @@ def check_scaling(scaling: float | Sequence[float], num_tasks: int) -> list[floa
     """Return one finite scaling coefficient per task (a number is broadcast)."""
     if isinstance(scaling, numbers.Real) or (isinstance(scaling, Tensor) and scaling.dim() == 0):
         return [check_number("scaling", scaling)] * num_tasks
-    if isinstance(scaling, (str, bytes)) or not isinstance(scaling, Iterable):
-        raise ValueError(f"scaling must be a number or one number per task, got {scaling!r}")
+    if isinstance(scaling, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+        scaling, Iterable
+    ):  # a dict would give its keys, a set no order
+        raise ValueError(
+            f"scaling must be a number or a list with one number per task, got {scaling!r}"
+        )
     values = [check_number(f"scaling[{i}]", v) for i, v in enumerate(scaling)]
     if len(values) != num_tasks:
         raise ValueError(
@@ -237,25 +247,6 @@ def check_scaling(scaling: float | Sequence[float], num_tasks: int) -> list[floa
             "pass one float or one value per task"
         )
     return values
-
-
-def assemble(
-    merged: Mapping[str, Tensor], plan_: MergePlan, reference: Mapping[str, Tensor]
-) -> StateDict:
-    """Build the output state dict in the reference's key order.
-
-    Merged tensors come from ``merged``; passthrough keys are cloned from ``reference``;
-    tied aliases point at the same merged tensor.
-    """
-    out: StateDict = {}
-    for name, tensor in reference.items():
-        if name in merged:
-            out[name] = merged[name]
-        elif name in plan_.aliases:
-            out[name] = merged[plan_.aliases[name]]
-        else:
-            out[name] = tensor.clone()
-    return out
 
 
 def same_keys(a: TaskVector, b: TaskVector, op: str) -> None:
@@ -380,7 +371,11 @@ class TaskVector(Mapping[str, Tensor]):
 def with_passthrough(updated: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> StateDict:
     """The whole state dict, in ``reference``'s key order: the ``updated`` tensors, and every
     other key cloned from ``reference``, except a key that shares storage with an updated one
-    (a tied ``lm_head.weight``): it points at the updated tensor, so the tie survives."""
+    (a tied ``lm_head.weight``): it points at the updated tensor, so the tie survives.
+
+    Every merger and :meth:`TaskVector.apply_to` build their output with it. A tied key left out
+    of the merge (by ``exclude`` or ``keys``) therefore follows the merged tensor: a copy of the
+    old value would, once loaded into the tied model, overwrite the merge or be overwritten."""
     by_storage: dict[tuple, str] = {}
     for name in updated:
         sid = _storage_id(reference[name])

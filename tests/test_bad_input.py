@@ -5,6 +5,7 @@ import torch
 from conftest import random_models
 
 from course_lib.merging import METHODS, pcb_merging, task_arithmetic, ties_merging, weight_average
+from course_lib.state import task_vector, task_vectors
 
 
 def call(name, pre, fts, **kw):
@@ -223,7 +224,7 @@ def test_twin_inputs_are_checked():
     with pytest.raises(ValueError, match="empty"):
         merge_with_weights(sh, [], [])
     small = {k: torch.zeros(2, 2) if k == "enc.weight" else v for k, v in vs[0].items()}
-    with pytest.raises(ValueError, match=r"'enc.weight': twin vector shape \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"'enc.weight': shape \[2, 2\] in twin vector 0"):
         merge_with_weights(sh, [small], [1.0])
     with pytest.raises(ValueError, match="booleans"):
         merge_with_weights(sh, vs, [True, False, False])
@@ -373,3 +374,108 @@ def test_check_finite_finds_one_bad_value_in_any_float_dtype(dtype, bad):
         check_finite("w", t, "model 0")
     with pytest.raises(ValueError, match=kind):
         check_finite("w", torch.tensor(bad, dtype=dtype), "model 0")  # a 0-d tensor
+
+
+# ---------------------------------------------- found by an adversarial review: each used to pass
+def _tied_models():
+    """A model whose head is tied to its embedding (one tensor, two keys), and one expert."""
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(4, 3, generator=g)
+    pre = {"embed.weight": embed, "mid.weight": torch.randn(3, 3, generator=g)}
+    pre["head.weight"] = embed  # tied
+    ft_embed = embed + 0.1
+    ft = {"embed.weight": ft_embed, "mid.weight": pre["mid.weight"] + 0.1, "head.weight": ft_embed}
+    return pre, ft
+
+
+@pytest.mark.parametrize("select", [{"exclude": "head"}, {"keys": "embed|mid"}])
+def test_a_tied_key_left_out_of_the_merge_stays_tied(select):
+    """Excluding one of two tied keys (what check_tied's message suggests) must not hand back
+    a stale untied copy: loaded into the tied model, it would overwrite the merged weights."""
+    pre, ft = _tied_models()
+    for merged in (
+        task_arithmetic(pre, [ft], 0.5, **select),
+        ties_merging(pre, [ft], density=1.0, scaling=1.0, **select),
+        weight_average([ft, ft], **select),
+        task_vector(pre, ft, **select).apply_to(pre, 0.5),
+    ):
+        assert merged["head.weight"] is merged["embed.weight"]
+    torch.testing.assert_close(merged["embed.weight"], pre["embed.weight"] + 0.05)
+
+
+def test_task_vectors_refuse_a_generator():
+    pre, fts = random_models()
+    with pytest.raises(ValueError, match="list or tuple of state dicts, got generator"):
+        task_vectors(pre, (ft for ft in fts))
+
+
+@pytest.mark.parametrize("scaling", [{0: 0.3, 1: 0.3, 2: 0.3}, {0.3, 0.4, 0.5}])
+def test_scaling_as_a_dict_or_a_set_is_refused(scaling):
+    pre, fts = random_models()
+    with pytest.raises(ValueError, match="a list with one number per task"):
+        task_arithmetic(pre, fts, scaling)
+
+
+def test_weights_that_overflow_are_refused():
+    _, fts = random_models(num_tasks=2)
+    with pytest.raises(ValueError, match="sum to inf"):
+        weight_average(fts, [1e308, 1e308])
+
+
+def test_empty_tensors_are_never_tied():
+    pre = {"w": torch.ones(2), "a": torch.empty(0), "b": torch.empty(0, dtype=torch.float16)}
+    ft = {k: v + 1 if k == "w" else v.clone() for k, v in pre.items()}
+    merged = task_arithmetic(pre, [ft], 1.0)
+    assert merged["b"].dtype == torch.float16 and merged["a"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging", "pcb_merging", "dare"])
+def test_pretrained_none_is_named(method):
+    from course_lib.merging import METHODS
+
+    _, fts = random_models()
+    with pytest.raises(ValueError, match="pretrained is None"):
+        METHODS[method](None, fts)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging", "pcb_merging"])
+def test_parameters_that_require_grad_merge_to_plain_tensors(method):
+    from course_lib.merging import METHODS
+
+    pre, fts = random_models()
+    grad = lambda sd: {k: v.clone().requires_grad_() for k, v in sd.items()}  # noqa: E731
+    merged = METHODS[method](grad(pre), [grad(ft) for ft in fts])
+    expected = METHODS[method](pre, fts)
+    for k, v in merged.items():
+        assert not v.requires_grad, k
+        torch.testing.assert_close(v, expected[k])
+
+
+def test_every_twin_vector_has_the_shared_experts_shapes():
+    from course_lib.merging import merge_with_weights, shared_expert, twin_vectors
+
+    pre, fts = random_models()
+    sh = shared_expert(pre, fts)
+    vs = twin_vectors(sh, fts)
+    row = {k: v[0] if k == "enc.weight" else v for k, v in vs[1].items()}  # [6] broadcasts
+    with pytest.raises(ValueError, match=r"'enc.weight': shape \[6\] in twin vector 1"):
+        merge_with_weights(sh, [vs[0], row, vs[2]], [0.2, 0.3, 0.5])
+
+
+def test_stored_twin_vectors_are_checked_when_read():
+    from course_lib.merging import compress, shared_expert, twin_vectors
+    from course_lib.merging.twin import compressed_from_tensors, compressed_tensors
+
+    pre, fts = random_models()
+    sh = shared_expert(pre, fts)
+    flat = compressed_tensors(compress(twin_vectors(sh, fts), rank_ratio=0.5))
+    assert len(compressed_from_tensors(flat)) == 3
+    left = next(k for k in flat if k.endswith(":left"))
+    nan = {k: v.clone() for k, v in flat.items()}
+    nan[left][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="stored twin vector .* contains NaN"):
+        compressed_from_tensors(nan)
+    bad = dict(flat)
+    bad[left] = flat[left][:, :1]  # [m, 1] @ [2, n]
+    with pytest.raises(ValueError, match="do not multiply"):
+        compressed_from_tensors(bad)

@@ -127,6 +127,9 @@ def test_batches_shuffle_and_limit(tasks):
     assert torch.equal(shuffled.sort().values, plain.sort().values)
     again = torch.cat([y for _, y in task.batches("train", batch_size=16, shuffle=True, seed=5)])
     assert torch.equal(again, shuffled)
+    for bad in (0, -5, 2.5):  # 0 evaluated nothing (then a bare torch.cat error)
+        with pytest.raises(ValueError, match="limit must be an integer >= 1"):
+            next(task.batches("train", limit=bad))
 
 
 def test_to_pixels_normalizes(tasks):

@@ -213,6 +213,8 @@ def test_zoo_evaluates_states_and_restores_the_base(tiny_zoo):
     assert zoo.evaluate(None)["colour"] < 100.0  # the base does not know the answers
     merged = ties_merging(zoo.pretrained, zoo.finetuned(), density=0.5)  # the engine runs as is
     assert set(zoo.evaluate(merged)) == {"colour", "shape"}
+    with pytest.raises(ValueError, match="limit must be an integer >= 1"):  # [:-1] dropped one
+        zoo.evaluate(None, limit=-1)
     with pytest.raises(ValueError, match="not one of the LLM's adapted weights"):
         zoo.evaluate({"lm_head.weight": torch.zeros(1)})
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from course_lib.state import check_count
+
 SPLITS = ("train", "val", "test")
 
 
@@ -59,6 +61,8 @@ class VisionTask:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(pixel_values, labels)`` batches; ``limit`` keeps the first n examples."""
         ds = self._split(split)
+        if limit is not None:  # 0 would evaluate nothing, a negative one a surprise
+            check_count("limit", limit)
         n = len(ds) if limit is None else min(limit, len(ds))
         order = np.arange(n)
         if shuffle:

@@ -25,6 +25,9 @@ def register(name: str) -> Callable[[MergeFn], MergeFn]:
     def deco(fn: MergeFn) -> MergeFn:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
+        # merges are arithmetic on weights, never part of a graph: parameters that require
+        # grad (dict(model.named_parameters())) give plain tensors, not graph nodes
+        fn = torch.no_grad()(fn)
         METHODS[name] = fn
         return fn
 
@@ -36,23 +39,19 @@ def prepare(
     finetuned: Sequence[Mapping[str, Tensor]],
     keys: str | None,
     exclude: str | None,
+    *,
+    needs_pretrained: bool = True,
 ) -> MergePlan:
     """Validate the inputs and return the plan of keys to merge.
 
     The reference model for key order and passthrough tensors is ``pretrained`` when given,
-    else ``finetuned[0]``.
+    else ``finetuned[0]``; ``pretrained=None`` is for methods without a base model
+    (:func:`weight_average`), every other one needs it.
     """
-    if isinstance(finetuned, Mapping):
-        raise ValueError("finetuned must be a list of state dicts, got a single state dict")
-    if not isinstance(finetuned, Sequence):  # a generator would be used up by the checks
-        raise ValueError(
-            f"finetuned must be a list or tuple of state dicts, got {type(finetuned).__name__}"
-        )
-    finetuned = list(finetuned)
-    if not finetuned:
-        raise ValueError("finetuned is empty: need at least one fine-tuned state dict to merge")
-    reference = pretrained if pretrained is not None else finetuned[0]
+    if needs_pretrained and pretrained is None:
+        raise ValueError("pretrained is None: this method needs the base model's state dict")
     validate(pretrained, finetuned, merged_keys=())  # structure first: keys, shapes, dtypes
+    reference = pretrained if pretrained is not None else finetuned[0]
     p = plan(reference, keys, exclude)
     check_tied(p, finetuned)  # a tied key is merged once: its copies must agree
     validate(pretrained, finetuned, merged_keys=p.merged)  # then finiteness of merged tensors
@@ -79,8 +78,9 @@ def delta_rows(
     ``out`` (``[T, >= m]``) is reused when it is large enough, so streaming a model chunk by chunk
     allocates nothing per chunk: the result is then a view of ``out``, overwritten by the next call.
     """
-    base = pretrained[key].reshape(-1)[where]
-    rows = [ft[key].reshape(-1)[where] for ft in finetuned]
+    # detached: this runs in worker threads, where the caller's torch.no_grad() does not reach
+    base = pretrained[key].detach().reshape(-1)[where]
+    rows = [ft[key].detach().reshape(-1)[where] for ft in finetuned]
     m = base.numel()
     if out is None or out.shape[1] < m:
         out = torch.empty(len(rows), m)

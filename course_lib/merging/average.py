@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from torch import Tensor
 
 from course_lib.merging._base import prepare, register
-from course_lib.state import StateDict, assemble, check_number
+from course_lib.state import StateDict, check_number, with_passthrough
 
 
 def _normalized_weights(weights: Sequence[float] | None, num_models: int) -> list[float]:
@@ -28,6 +28,8 @@ def _normalized_weights(weights: Sequence[float] | None, num_models: int) -> lis
         if not (x >= 0.0) or x == float("inf"):
             raise ValueError(f"weights[{i}] is {x}; weights must be finite and >= 0")
     total = sum(w)
+    if total == float("inf"):  # every weight would become 0
+        raise ValueError(f"weights sum to inf ({w}); scale them down, only their ratios matter")
     if total <= 0:
         raise ValueError("weights sum to 0; at least one model needs a positive weight")
     return [x / total for x in w]
@@ -42,10 +44,10 @@ def weight_average(
     exclude: str | None = None,
 ) -> StateDict:
     """Weighted mean of the models' parameters: ``sum_t w_t theta_t / sum_t w_t``."""
-    p = prepare(None, finetuned, keys, exclude)
+    p = prepare(None, finetuned, keys, exclude, needs_pretrained=False)
     w = _normalized_weights(weights, len(finetuned))
     merged = {}
     for key in p.merged:
         acc = sum(wt * ft[key].float() for wt, ft in zip(w, finetuned, strict=True))
         merged[key] = acc.to(finetuned[0][key].dtype)
-    return assemble(merged, p, finetuned[0])
+    return with_passthrough(merged, finetuned[0])

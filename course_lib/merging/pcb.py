@@ -53,7 +53,13 @@ from course_lib.merging._select import (
     kth_smallest_rows,
     stream,
 )
-from course_lib.state import StateDict, assemble, check_fraction, check_number, check_scaling
+from course_lib.state import (
+    StateDict,
+    check_fraction,
+    check_number,
+    check_scaling,
+    with_passthrough,
+)
 
 Inter = Literal["pairwise", "sum"]
 EPS = 1e-12
@@ -235,7 +241,7 @@ def pcb_merging(
     for key in keys_:
         base = pretrained[key]
         merged[key] = tau_m.pop(key).reshape(base.shape).add_(base.float()).to(base.dtype)
-    return assemble(merged, p, pretrained)
+    return with_passthrough(merged, pretrained)
 
 
 class _Lane:

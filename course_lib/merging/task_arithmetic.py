@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from course_lib.merging._base import prepare, register
-from course_lib.state import StateDict, assemble, check_scaling
+from course_lib.state import StateDict, check_scaling, with_passthrough
 
 
 @register("task_arithmetic")
@@ -38,4 +38,4 @@ def task_arithmetic(
         for lt, ft in zip(lam, finetuned, strict=True):
             acc.add_(ft[key].float() - base, alpha=lt)
         merged[key] = acc.to(pretrained[key].dtype)
-    return assemble(merged, p, pretrained)
+    return with_passthrough(merged, pretrained)

@@ -36,7 +36,7 @@ from course_lib.merging._select import (
     kth_smallest_rows,
     stream,
 )
-from course_lib.state import StateDict, assemble, check_fraction, check_number
+from course_lib.state import StateDict, check_fraction, check_number, with_passthrough
 
 Aggregate = Literal["mean", "sum", "max"]
 Scope = Literal["global", "tensor"]
@@ -136,7 +136,7 @@ def ties_merging(
     for key in p.merged:
         base = pretrained[key]
         merged[key] = merged[key].mul_(scaling).add_(base.float()).to(base.dtype)  # in place
-    return assemble(merged, p, pretrained)
+    return with_passthrough(merged, pretrained)
 
 
 def _merge_tensorwise(

@@ -214,10 +214,15 @@ def compressed_from_tensors(flat: Mapping[str, Tensor]) -> list[CompressedVector
         else:
             raise ValueError(f"{name!r}: the part must be left, right or dense, not {what!r}")
         vectors.setdefault(int(i), {})[int(j)] = (key, part)
-    return [
-        CompressedVector(dict(parts[j] for j in sorted(parts)), checked=True)
-        for _, parts in sorted(vectors.items())
-    ]
+    out = []
+    for i, parts in sorted(vectors.items()):
+        vector = CompressedVector(dict(parts[j] for j in sorted(parts)))
+        for key, part in vector.parts.items():  # read from a file: check once, here
+            for t in (part.left, part.right) if isinstance(part, LowRank) else (part,):
+                _check_vector_tensor(t, key, f"stored twin vector {i}")
+            _shape_of(vector, key)
+        out.append(CompressedVector(vector.parts, checked=True))
+    return out
 
 
 def _check_vector_tensor(t: object, key: str, where: str, finite: bool = True) -> None:
@@ -274,12 +279,13 @@ def merge_with_weights(
     if missing:
         raise ValueError(f"key {missing[0]!r} of the twin vectors is not in the shared expert")
     for key in keys:
-        shape = _shape_of(vectors[0], key)
-        if tuple(shared[key].shape) != shape:
-            raise ValueError(
-                f"key {key!r}: twin vector shape {list(shape)} but shared expert shape "
-                f"{list(shared[key].shape)}"
-            )
+        for i, v in enumerate(vectors):  # every vector: a [3] one would broadcast into [2, 3]
+            shape = _shape_of(v, key)
+            if tuple(shared[key].shape) != shape:
+                raise ValueError(
+                    f"key {key!r}: shape {list(shape)} in twin vector {i} but "
+                    f"{list(shared[key].shape)} in the shared expert"
+                )
     merged = {}
     for key in keys:
         acc = shared[key].float().clone()
@@ -291,8 +297,18 @@ def merge_with_weights(
 
 
 def _shape_of(vector: Mapping[str, Tensor] | CompressedVector, key: str) -> tuple[int, ...]:
+    """The dense shape of ``vector[key]`` without building it (low-rank factors checked)."""
     if isinstance(vector, CompressedVector):
         part = vector.parts[key]
+        if isinstance(part, LowRank) and (
+            part.left.dim() != 2
+            or part.right.dim() != 2
+            or part.left.shape[1] != part.right.shape[0]
+        ):
+            raise ValueError(
+                f"key {key!r}: low-rank factors of shapes {list(part.left.shape)} and "
+                f"{list(part.right.shape)} do not multiply"
+            )
         return (
             (part.left.shape[0], part.right.shape[1])
             if isinstance(part, LowRank)
