@@ -238,7 +238,7 @@ def twin_accuracy(
         count = functools.partial(
             _twin_counts, zoo, t, enc, shared, stacked, router, split, limit, batch_size, pooled
         )
-        head = evalcache.tensor_salt(zoo.heads[t], zoo.logit_scale) if digests else ""
+        head = zoo.task_salt(t) if digests else ""
         c = evalcache.remember(zoo.world, ["twin per-input", *digests, t, head], count, "tensor")
         accs[t] = 100.0 * int(c[0]) / int(c[1])
         confusion[i] += c[2:].float()

@@ -393,3 +393,23 @@ def test_full_heads_are_rebuilt_when_their_prompts_change(clip, tmp_path, monkey
     rebuilt = zoo._full_heads(path, model, tokenizer, tasks)
     assert not torch.allclose(rebuilt["DTD"], built["DTD"])
     torch.testing.assert_close(load_file(str(path))["DTD"], rebuilt["DTD"])
+
+
+def test_data_digest_names_the_data_served(image_dirs, tmp_path):
+    """The full profile's datasets are not pinned: the evaluation cache keys each task by the
+    data it serves, so an accuracy is not served for other data."""
+    saved = load_hub_task("DTD", data_dir=image_dirs["saved"], image_size=IMAGE)
+    again = load_hub_task("DTD", data_dir=image_dirs["saved"], image_size=IMAGE)
+    parquet = load_hub_task("DTD", data_dir=image_dirs["parquet"], image_size=IMAGE)
+    fewer = load_hub_task("DTD", data_dir=image_dirs["saved"], sizes=5, image_size=IMAGE)
+    digest = vision_hub.data_digest
+    assert digest(saved) == digest(again)
+    assert len({digest(saved), digest(parquet), digest(fewer)}) == 3
+
+    from course_lib.models.zoo import Zoo
+
+    head = torch.zeros(3, PROJ)
+    zoo = Zoo("full", {"DTD": saved}, {}, {}, {"DTD": head}, None, data={"DTD": digest(saved)})
+    other = Zoo("full", {"DTD": fewer}, {}, {}, {"DTD": head}, None, data={"DTD": digest(fewer)})
+    assert zoo.task_salt("DTD") != other.task_salt("DTD")
+    assert Zoo("mini", {}, {}, {}, {"DTD": head}, None).task_salt("DTD") in zoo.task_salt("DTD")

@@ -26,6 +26,8 @@ folder ``datasets.load_dataset`` understands), which is how the tests run offlin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -202,6 +204,19 @@ class HubVisionTask(VisionTask):
     def to_pixels(self, images) -> Tensor:
         """PIL images (any mode, any size) -> float32 ``[B, 3, image_size, image_size]``."""
         return torch.stack([self._transform(_as_pil(im).convert("RGB")) for im in images])
+
+
+def data_digest(task: VisionTask) -> str:
+    """What a task's accuracies depend on besides the weights and the head: the data served.
+
+    The datasets' revisions are not pinned (``hub.REVISIONS``), so the evaluation cache must not
+    serve an accuracy measured on other data. The digest covers each split's source files (the
+    ``datasets`` cache path carries the dataset's commit), its size and its features."""
+    parts = []
+    for split, ds in sorted(task.splits.items()):
+        files = sorted(Path(f["filename"]).as_posix() for f in ds.cache_files)
+        parts.append([split, ds.num_rows, files, repr(ds.features)])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def validation_indices(n: int, seed: int = VAL_SEED, fraction: float = VAL_FRACTION) -> np.ndarray:

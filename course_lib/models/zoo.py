@@ -92,6 +92,8 @@ class Zoo:
     logit_scale: float = 100.0
     info: dict = field(default_factory=dict)
     world: str = ""  # what was loaded: the mini config's digest, or the full model's id
+    # per task, the digest of the data served when ``world`` does not cover it (full profile)
+    data: dict[str, str] = field(default_factory=dict)
     linear: bool = False  # evaluate with the encoder linearized around theta_0 (linearized())
     _encoder: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -149,7 +151,7 @@ class Zoo:
 
         tasks = tasks or self.task_names
         return {
-            t: memo(t, functools.partial(compute, t), functools.partial(self._head_salt, t))
+            t: memo(t, functools.partial(compute, t), functools.partial(self.task_salt, t))
             for t in tasks
         }
 
@@ -172,11 +174,12 @@ class Zoo:
             return predictions(clf, self.tasks[task], split, device=config.device(), limit=limit)[0]
 
         memo = evalcache.Memo(self.world, state, split, limit)
-        return memo(task, compute, functools.partial(self._head_salt, task), kind="tensor")
+        return memo(task, compute, functools.partial(self.task_salt, task), kind="tensor")
 
-    def _head_salt(self, task: str) -> str:
-        """What an evaluation on ``task`` depends on besides the weights: its head and scale."""
-        return evalcache.tensor_salt(self.heads[task], self.logit_scale)
+    def task_salt(self, task: str) -> str:
+        """What an evaluation on ``task`` depends on besides the weights: its head and scale,
+        and its data where ``world`` does not name it (the full profile's unpinned datasets)."""
+        return evalcache.tensor_salt(self.heads[task], self.logit_scale) + self.data.get(task, "")
 
     def _load_encoder(self, state: Mapping[str, Tensor]) -> torch.nn.Module:
         """The zoo's image encoder (built on first use) with ``state`` loaded into it."""
@@ -540,4 +543,5 @@ def load_full_zoo(root: Path | None = None, *, progress: bool = True) -> Zoo:
         encoder_config=hub.encoder_config(clip),
         logit_scale=clip.logit_scale.detach().exp().item(),
         world=hub.FULL_MODEL,
+        data={n: vision_hub.data_digest(t) for n, t in tasks.items()},
     )
