@@ -176,6 +176,11 @@ def validate(
                 raise ValueError(
                     f"key {name!r}: dtype {other.dtype} in {where} but {t.dtype} in {ref_name}"
                 )
+            if other.device != t.device:
+                raise ValueError(
+                    f"key {name!r}: device {other.device} in {where} but {t.device} in "
+                    f"{ref_name}; move every model to one device (.to(device)) first"
+                )
     check = (
         list(merged_keys) if merged_keys is not None else [k for k in ref if is_mergeable(ref[k])]
     )
@@ -376,6 +381,8 @@ def with_passthrough(updated: Mapping[str, Tensor], reference: Mapping[str, Tens
     Every merger and :meth:`TaskVector.apply_to` build their output with it. A tied key left out
     of the merge (by ``exclude`` or ``keys``) therefore follows the merged tensor: a copy of the
     old value would, once loaded into the tied model, overwrite the merge or be overwritten."""
+    for name, t in updated.items():  # inputs are finite: an Inf here is an overflow
+        check_finite(name, t, "the merged model (the result overflows its dtype)")
     by_storage: dict[tuple, str] = {}
     for name in updated:
         sid = _storage_id(reference[name])

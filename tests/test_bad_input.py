@@ -479,3 +479,21 @@ def test_stored_twin_vectors_are_checked_when_read():
     bad[left] = flat[left][:, :1]  # [m, 1] @ [2, n]
     with pytest.raises(ValueError, match="do not multiply"):
         compressed_from_tensors(bad)
+
+
+def test_models_on_two_devices_are_named():
+    pre, fts = random_models()
+    moved = {k: v.to("meta") if k == "enc.bias" else v for k, v in fts[1].items()}
+    with pytest.raises(ValueError, match=r"'enc.bias': device meta in finetuned\[1\] but cpu"):
+        task_arithmetic(pre, [fts[0], moved, fts[2]])
+
+
+def test_a_merge_that_overflows_its_dtype_is_refused():
+    """Inputs are checked finite; a half-precision result can still overflow to Inf."""
+    pre = {"w": torch.full((2,), 60000.0, dtype=torch.float16)}
+    ft = {"w": torch.full((2,), 65000.0, dtype=torch.float16)}
+    with pytest.raises(ValueError, match="'w' in the merged model .*overflows.* contains Inf"):
+        task_arithmetic(pre, [ft], 2.0)  # 60000 + 2 * 5000 = 70000 > float16's 65504
+    with pytest.raises(ValueError, match="overflows"):
+        task_vector(pre, ft).apply_to(pre, 2.0)
+    assert task_arithmetic(pre, [ft], 1.0)["w"].dtype == torch.float16
