@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import importlib.util
 import os
 import shutil
 import subprocess
