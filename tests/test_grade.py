@@ -83,6 +83,11 @@ def test_an_edited_or_deleted_check_cell_is_changed_not_passed(tmp_path):
         "pass", "pass",
     ]  # fmt: skip
     assert grade.main([str(path), "--reference", str(tmp_path / "student")]) == 1
+    moved = nbformat.from_dict(handed_out)  # cut and pasted: a new id, the same source
+    moved.cells[2]["id"] = "pasted"
+    nbformat.write(moved, path)
+    checks = grade.grade(path, workdir=tmp_path, reference_dir=tmp_path / "student")
+    assert [c.status for c in checks] == ["pass", "pass", "pass"]
 
 
 def test_a_cell_that_runs_too_long_is_interrupted_and_grading_goes_on(tmp_path):

@@ -16,7 +16,8 @@ errors allowed, and every cell tagged ``check`` is classified:
   otherwise run without error and pass) or deleted.
 
 Check cells are compared with the handed-out copy in ``notebooks/student/`` that shares the most
-cell ids with the submission (so renamed files are found), by cell id and source. A submission
+cell ids with the submission (so renamed files are found), by cell id (or, for a cell cut and
+pasted, which gets a new id, by its source) and source. A submission
 that shares no cell id with any of them is graded on its own check cells, with a warning.
 
 The exit status is 0 when every check of every notebook passes, else 1.
@@ -64,7 +65,8 @@ def grade_executed(nb, reference=None) -> list[Check]:
     """Classify the check cells of an already executed notebook.
 
     With ``reference`` (the handed-out notebook), its check cells are the ones graded, found in
-    ``nb`` by cell id: a missing one or one whose source differs is ``changed``."""
+    ``nb`` by cell id, or by their unchanged source where the id changed (a cell cut and pasted):
+    a missing one or one whose source differs is ``changed``."""
     if reference is None:
         out = []
         for i, cell in enumerate(nb.cells):
@@ -73,16 +75,26 @@ def grade_executed(nb, reference=None) -> list[Check]:
                 check.cell = i
                 out.append(check)
         return out
-    by_id = {cell.get("id"): (i, cell) for i, cell in enumerate(nb.cells)}
+    index = {cell.get("id"): i for i, cell in enumerate(nb.cells)}
+    given = [cell for cell in reference.cells if is_check(cell)]
+    found = [index.get(cell.get("id")) for cell in given]
+    for n, cell in enumerate(given):  # a cell cut and pasted gets a new id: same source, unused
+        if found[n] is None:
+            same = [
+                i
+                for i, c in enumerate(nb.cells)
+                if c.cell_type == "code" and c.source.strip() == cell.source.strip()
+                and i not in found
+            ]  # fmt: skip
+            found[n] = same[0] if same else None
     out = []
-    for given in filter(is_check, reference.cells):
-        i, cell = by_id.get(given.get("id"), (-1, None))
-        if cell is None:
-            out.append(Check(-1, "changed", f"check cell {given.get('id')} was deleted"))
-        elif cell.cell_type != "code" or cell.source.strip() != given.source.strip():
+    for cell, i in zip(given, found, strict=True):
+        if i is None:
+            out.append(Check(-1, "changed", f"check cell {cell.get('id')} was deleted"))
+        elif nb.cells[i].cell_type != "code" or nb.cells[i].source.strip() != cell.source.strip():
             out.append(Check(i, "changed", "the check cell was edited"))
         else:
-            check = classify(cell)
+            check = classify(nb.cells[i])
             check.cell = i
             out.append(check)
     return out
