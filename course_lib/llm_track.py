@@ -138,8 +138,6 @@ class LLMZoo:
     ) -> dict[str, float]:
         """Exact-match accuracy (%) of one merged state on each task (remembered in the cache,
         :mod:`course_lib.evalcache`: the same weights are evaluated once)."""
-        if limit is not None:
-            check_count("limit", limit)
         memo = evalcache.Memo(self.world, state or self.pretrained, split, limit)
 
         def compute(task: str) -> float:

@@ -381,10 +381,10 @@ def with_passthrough(updated: Mapping[str, Tensor], reference: Mapping[str, Tens
     Every merger and :meth:`TaskVector.apply_to` build their output with it. A tied key left out
     of the merge (by ``exclude`` or ``keys``) therefore follows the merged tensor: a copy of the
     old value would, once loaded into the tied model, overwrite the merge or be overwritten."""
-    for name, t in updated.items():  # inputs are finite: an Inf here is an overflow
-        check_finite(name, t, "the merged model (the result overflows its dtype)")
     by_storage: dict[tuple, str] = {}
-    for name in updated:
+    for name, t in updated.items():
+        # the inputs were checked finite: an Inf here is an overflow of the output's dtype
+        check_finite(name, t, "the merged model (the result overflows its dtype)")
         sid = _storage_id(reference[name])
         if sid is not None:
             by_storage.setdefault(sid, name)

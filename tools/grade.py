@@ -67,26 +67,12 @@ def grade_executed(nb, reference=None) -> list[Check]:
     With ``reference`` (the handed-out notebook), its check cells are the ones graded, found in
     ``nb`` by cell id, or by their unchanged source where the id changed (a cell cut and pasted):
     a missing one or one whose source differs is ``changed``."""
-    if reference is None:
-        out = []
-        for i, cell in enumerate(nb.cells):
-            if is_check(cell):
-                check = classify(cell)
-                check.cell = i
-                out.append(check)
-        return out
-    index = {cell.get("id"): i for i, cell in enumerate(nb.cells)}
-    given = [cell for cell in reference.cells if is_check(cell)]
-    found = [index.get(cell.get("id")) for cell in given]
-    for n, cell in enumerate(given):  # a cell cut and pasted gets a new id: same source, unused
-        if found[n] is None:
-            same = [
-                i
-                for i, c in enumerate(nb.cells)
-                if c.cell_type == "code" and c.source.strip() == cell.source.strip()
-                and i not in found
-            ]  # fmt: skip
-            found[n] = same[0] if same else None
+    if reference is None:  # graded on its own check cells
+        found: list[int | None] = [i for i, cell in enumerate(nb.cells) if is_check(cell)]
+        given = [nb.cells[i] for i in found]
+    else:
+        given = [cell for cell in reference.cells if is_check(cell)]
+        found = _locate(nb, given)
     out = []
     for cell, i in zip(given, found, strict=True):
         if i is None:
@@ -98,6 +84,23 @@ def grade_executed(nb, reference=None) -> list[Check]:
             check.cell = i
             out.append(check)
     return out
+
+
+def _locate(nb, given: list) -> list[int | None]:
+    """The index in ``nb`` of each handed-out check cell: by id, else (a cell cut and pasted
+    gets a new id) the first unused code cell with the same source; None when deleted."""
+    index = {cell.get("id"): i for i, cell in enumerate(nb.cells)}
+    found = [index.get(cell.get("id")) for cell in given]
+    for n, cell in enumerate(given):  # a cell cut and pasted gets a new id: same source, unused
+        if found[n] is None:
+            same = [
+                i
+                for i, c in enumerate(nb.cells)
+                if c.cell_type == "code" and c.source.strip() == cell.source.strip()
+                and i not in found
+            ]  # fmt: skip
+            found[n] = same[0] if same else None
+    return found
 
 
 def find_reference(nb, student_dir: Path):

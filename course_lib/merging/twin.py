@@ -216,12 +216,12 @@ def compressed_from_tensors(flat: Mapping[str, Tensor]) -> list[CompressedVector
         vectors.setdefault(int(i), {})[int(j)] = (key, part)
     out = []
     for i, parts in sorted(vectors.items()):
-        vector = CompressedVector(dict(parts[j] for j in sorted(parts)))
-        for key, part in vector.parts.items():  # read from a file: check once, here
+        vector = CompressedVector(dict(parts[j] for j in sorted(parts)), checked=True)
+        for key, part in vector.parts.items():  # read from a file: checked once, here
             for t in (part.left, part.right) if isinstance(part, LowRank) else (part,):
                 _check_vector_tensor(t, key, f"stored twin vector {i}")
             _shape_of(vector, key)
-        out.append(CompressedVector(vector.parts, checked=True))
+        out.append(vector)
     return out
 
 
